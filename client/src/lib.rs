@@ -1,0 +1,27 @@
+//! Async client for `scaled`, the sidecar daemon that gives the app servers on a host a shared cache,
+//! session locks and request metrics over a Unix socket.
+//!
+//! - [`proto`]: the wire protocol (frame limits, request and response envelopes, error codes), shared
+//!   with the daemon; `proto-spec.md` describes the same thing byte for byte.
+//! - [`frame`]: the 4-byte length prefix that delimits frames.
+//! - [`Client`]: one connection carrying any number of concurrent callers, reconnecting on failure.
+//! - [`Error`]: one variant per protocol error code, plus local failures.
+//!
+//! ```no_run
+//! # async fn demo() -> scaled_client::Result<()> {
+//! let client = scaled_client::Client::connect_unix("/run/scaled/scaled.sock").await?;
+//! client.set("session:abc", b"state", None).await?;
+//! assert_eq!(client.get("session:abc").await?.as_deref(), Some(&b"state"[..]));
+//! # Ok(())
+//! # }
+//! ```
+#![deny(missing_docs)]
+
+mod client;
+mod error;
+pub mod frame;
+pub mod proto;
+
+pub use client::{Client, Endpoint};
+pub use error::{Error, Result};
+pub use proto::{ErrorCode, MAX_FRAME_LEN, MAX_KEY_LEN, MAX_VALUE_LEN, PROTOCOL_VERSION};
