@@ -1,0 +1,39 @@
+//! HELLO: the first request on every connection; agrees the protocol version.
+
+use serde::Serialize;
+
+use scaled_client::proto::{Args, ErrorCode, MAX_FRAME_LEN, MAX_KEY_LEN, MAX_VALUE_LEN, PROTOCOL_VERSION};
+
+use super::{CommandError, CommandResult, Peer, Reply};
+
+/// HELLO's answer: what the client may rely on.
+#[derive(Serialize)]
+struct Welcome {
+    version: u32,
+    server: &'static str,
+    max_frame: usize,
+    max_key: usize,
+    max_value: usize,
+}
+
+pub fn run(peer: &mut Peer, args: Args) -> CommandResult {
+    let version = args
+        .version
+        .ok_or_else(|| CommandError::new(ErrorCode::BadArgument, "missing argument `version`"))?;
+    if version != PROTOCOL_VERSION {
+        return Err(CommandError::new(
+            ErrorCode::UnsupportedVersion,
+            format!("this daemon speaks protocol version {PROTOCOL_VERSION}, not {version}"),
+        ));
+    }
+    let name = args.client.unwrap_or_default();
+    tracing::debug!(conn = peer.conn_id, client = %name, "hello");
+    peer.client_name = Some(name);
+    Reply::encode(&Welcome {
+        version: PROTOCOL_VERSION,
+        server: concat!("scaled ", env!("CARGO_PKG_VERSION")),
+        max_frame: MAX_FRAME_LEN,
+        max_key: MAX_KEY_LEN,
+        max_value: MAX_VALUE_LEN,
+    })
+}

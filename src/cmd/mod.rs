@@ -1,0 +1,165 @@
+//! Commands: how each request is checked, what it does to the shared state, and what it answers.
+//!
+//! One file per command. [`dispatch`] routes a decoded request to its command. A command that can answer
+//! at once returns [`Outcome::Done`]; one that must wait (a LOCK in a queue, a delayed PING) returns
+//! [`Outcome::Later`] with a future, which the connection runs beside the others so a slow request never
+//! holds up a fast one behind it.
+
+mod del;
+mod get;
+mod hello;
+mod ping;
+mod set;
+mod stats;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use scaled_client::proto::{Args, CommandName, ErrorCode, Request, MAX_KEY_LEN};
+
+use crate::daemon::Daemon;
+
+/// A successful answer, written as the response's `ok` value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    /// MessagePack nil: GET of a missing key.
+    Nil,
+    /// MessagePack bool: DEL's "was it there".
+    Bool(bool),
+    /// MessagePack str: PING's "PONG", SET's "OK".
+    Text(&'static str),
+    /// MessagePack bin: a cached value.
+    Value(Bytes),
+    /// A MessagePack value already encoded: maps such as STATS and HELLO.
+    Encoded(Vec<u8>),
+}
+
+impl Reply {
+    /// Encodes a serializable value as a map-shaped reply.
+    pub fn encode<T: serde::Serialize>(value: &T) -> CommandResult {
+        rmp_serde::to_vec_named(value)
+            .map(Reply::Encoded)
+            .map_err(|e| CommandError::new(ErrorCode::Internal, format!("encoding reply: {e}")))
+    }
+
+    /// Appends the MessagePack encoding. Writing into a `Vec` cannot fail.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            Reply::Nil => {
+                let _ = rmp::encode::write_nil(out);
+            }
+            Reply::Bool(b) => {
+                let _ = rmp::encode::write_bool(out, *b);
+            }
+            Reply::Text(s) => {
+                let _ = rmp::encode::write_str(out, s);
+            }
+            Reply::Value(v) => {
+                let _ = rmp::encode::write_bin(out, v);
+            }
+            Reply::Encoded(bytes) => out.extend_from_slice(bytes),
+        }
+    }
+}
+
+/// A failed answer: a code from the protocol's closed list and a sentence for people.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct CommandError {
+    /// The wire code.
+    pub code: ErrorCode,
+    /// What went wrong, for the person reading the client's error.
+    pub message: String,
+}
+
+impl CommandError {
+    /// An error with this code and message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> CommandError {
+        CommandError { code, message: message.into() }
+    }
+}
+
+/// What a command answers.
+pub type CommandResult = Result<Reply, CommandError>;
+
+/// A command that finishes later.
+pub type Pending = Pin<Box<dyn Future<Output = CommandResult> + Send + 'static>>;
+
+/// Whether the answer is ready now.
+pub enum Outcome {
+    /// Answered without waiting.
+    Done(CommandResult),
+    /// Answered when the future completes.
+    Later(Pending),
+}
+
+impl From<CommandResult> for Outcome {
+    fn from(r: CommandResult) -> Outcome {
+        Outcome::Done(r)
+    }
+}
+
+/// What the daemon knows about the connection a request came on.
+pub struct Peer {
+    /// Unique for the daemon's lifetime; owns the locks taken on this connection.
+    pub conn_id: u64,
+    /// The name the client gave in HELLO; `None` until HELLO succeeds.
+    pub client_name: Option<String>,
+}
+
+/// Runs one decoded request.
+pub fn dispatch(daemon: &Arc<Daemon>, peer: &mut Peer, request: Request, now: Instant) -> Outcome {
+    if peer.client_name.is_none() && request.cmd != CommandName::Hello {
+        return Outcome::Done(Err(CommandError::new(
+            ErrorCode::HelloRequired,
+            "send HELLO with the protocol version before any other command",
+        )));
+    }
+    let args = request.args;
+    match request.cmd {
+        CommandName::Hello => hello::run(peer, args).into(),
+        CommandName::Ping => ping::run(args),
+        CommandName::Get => get::run(daemon, args, now).into(),
+        CommandName::Set => set::run(daemon, args, now).into(),
+        CommandName::Del => del::run(daemon, args, now).into(),
+        CommandName::Stats => stats::run(daemon, now).into(),
+        CommandName::Lock | CommandName::Unlock | CommandName::Extend | CommandName::Locks => {
+            Outcome::Done(Err(CommandError::new(
+                ErrorCode::UnknownCommand,
+                format!("{} is not available in this version", request.cmd),
+            )))
+        }
+        CommandName::Unknown => Outcome::Done(Err(CommandError::new(
+            ErrorCode::UnknownCommand,
+            "unknown command; see proto-spec.md for the list",
+        ))),
+    }
+}
+
+/// The `key` argument, checked: present, non-empty, at most [`MAX_KEY_LEN`] bytes.
+fn required_key(args: &mut Args) -> Result<String, CommandError> {
+    let key = args
+        .key
+        .take()
+        .ok_or_else(|| CommandError::new(ErrorCode::BadArgument, "missing argument `key`"))?;
+    check_key(&key)?;
+    Ok(key)
+}
+
+/// Checks a key's length.
+fn check_key(key: &str) -> Result<(), CommandError> {
+    if key.is_empty() {
+        return Err(CommandError::new(ErrorCode::BadArgument, "key is empty"));
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(CommandError::new(
+            ErrorCode::TooLarge,
+            format!("key of {} bytes is over the {MAX_KEY_LEN} byte limit", key.len()),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,173 @@
+//! The daemon's configuration: one clap struct, every field a flag that can also come from the
+//! environment. Where the seed architecture named a setting, the environment variable keeps that name.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Serialize;
+
+/// Where the Unix socket lives unless `--socket` says otherwise. systemd's `RuntimeDirectory=scaled`
+/// creates the directory; the daemon creates it too when run by hand.
+pub const DEFAULT_SOCKET: &str = "/run/scaled/scaled.sock";
+
+/// scaled: a sidecar daemon giving the app servers on this host a shared session cache, session locks
+/// and request metrics over a Unix socket.
+#[derive(Parser, Debug, Clone, Serialize)]
+#[command(name = "scaled", version)]
+pub struct Config {
+    /// Unix socket to listen on. A stale socket left by a dead daemon is replaced; a live daemon's is not.
+    #[arg(long, env = "SCALED_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+
+    /// File mode of the Unix socket, in octal. 660 lets the socket's group connect.
+    #[arg(long, env = "SCALED_SOCKET_MODE", default_value = "660", value_parser = parse_mode)]
+    pub socket_mode: u32,
+
+    /// Also listen on TCP: a PORT (bound to 127.0.0.1) or HOST:PORT. Off by default.
+    #[arg(long, env = "SCALED_TCP", value_parser = parse_tcp)]
+    pub tcp: Option<SocketAddr>,
+
+    /// Allow --tcp to bind an address other than loopback. The protocol has no authentication.
+    #[arg(long, env = "SCALED_TCP_ALLOW_REMOTE")]
+    pub tcp_allow_remote: bool,
+
+    /// Most entries the cache holds; least recently used entries are evicted past it.
+    #[arg(long, env = "CACHE_SIZE", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub cache_size: u64,
+
+    /// Most bytes of keys plus values the cache holds; 0 = bounded by CACHE_SIZE only.
+    #[arg(long, env = "CACHE_MAX_BYTES", default_value_t = 0)]
+    pub cache_max_bytes: u64,
+
+    /// TTL in seconds for a SET that gives none; 0 = such entries never expire.
+    #[arg(long, env = "CACHE_TTL", default_value = "300", value_parser = parse_secs)]
+    pub cache_ttl: f64,
+
+    /// Number of cache shards; 0 picks one from CACHE_SIZE.
+    #[arg(long, env = "CACHE_SHARDS", default_value_t = 0)]
+    pub cache_shards: usize,
+
+    /// Lease length in seconds for a LOCK that gives none.
+    #[arg(long, env = "LOCK_TIMEOUT", default_value = "10", value_parser = parse_secs)]
+    pub lock_timeout: f64,
+
+    /// Seconds between attempts where a lock must be polled (Redis without notifications). Also sets,
+    /// with LOCK_MAX_RETRIES, the default wait of a LOCK: LOCK_RETRY_DELAY × LOCK_MAX_RETRIES.
+    #[arg(long, env = "LOCK_RETRY_DELAY", default_value = "0.1", value_parser = parse_secs)]
+    pub lock_retry_delay: f64,
+
+    /// See LOCK_RETRY_DELAY.
+    #[arg(long, env = "LOCK_MAX_RETRIES", default_value_t = 50)]
+    pub lock_max_retries: u32,
+
+    /// Redis to share locks and cache across hosts. This build runs standalone and refuses to start
+    /// when it is set, rather than silently giving host-local locks to callers who expect shared ones.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Most connections to Redis.
+    #[arg(long, env = "REDIS_MAX_CONNECTIONS", default_value_t = 100)]
+    pub redis_max_connections: u32,
+
+    /// Most client connections at once; one more is answered OVERLOADED and closed.
+    #[arg(long, env = "SCALED_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// Most requests in flight on one connection; past it the daemon stops reading that connection
+    /// until some finish (backpressure, not an error).
+    #[arg(long, env = "SCALED_MAX_IN_FLIGHT", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_in_flight: u64,
+
+    /// Seconds to let requests in flight finish after SIGTERM or SIGINT before closing anyway.
+    #[arg(long, env = "SCALED_SHUTDOWN_TIMEOUT", default_value = "10", value_parser = parse_secs)]
+    pub shutdown_timeout: f64,
+
+    /// Log filter, in tracing's EnvFilter syntax (e.g. `info`, `scaled=debug`).
+    #[arg(long, env = "SCALED_LOG", default_value = "info")]
+    pub log: String,
+
+    /// Print the effective configuration as JSON and exit.
+    #[arg(long)]
+    #[serde(skip)]
+    pub print_config: bool,
+}
+
+impl Config {
+    /// CACHE_TTL as a duration; `None` when entries without a TTL never expire.
+    pub fn default_cache_ttl(&self) -> Option<Duration> {
+        (self.cache_ttl > 0.0).then(|| Duration::from_secs_f64(self.cache_ttl))
+    }
+
+    /// LOCK_TIMEOUT as a duration.
+    pub fn default_lease(&self) -> Duration {
+        Duration::from_secs_f64(self.lock_timeout)
+    }
+
+    /// How long a LOCK waits when it does not say: LOCK_RETRY_DELAY × LOCK_MAX_RETRIES, as in the seed.
+    pub fn default_lock_wait(&self) -> Duration {
+        Duration::from_secs_f64(self.lock_retry_delay * f64::from(self.lock_max_retries))
+    }
+
+    /// The shutdown grace period.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs_f64(self.shutdown_timeout)
+    }
+}
+
+/// Seconds as a non-negative, finite number, so `Duration::from_secs_f64` can never panic.
+fn parse_secs(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if !v.is_finite() || !(0.0..=1e9).contains(&v) {
+        return Err(format!("`{s}` is out of range: give 0 to 1e9 seconds"));
+    }
+    Ok(v)
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let mode =
+        u32::from_str_radix(s.trim(), 8).map_err(|_| format!("`{s}` is not an octal mode"))?;
+    if mode > 0o777 {
+        return Err(format!("`{s}` is not a file mode (000 to 777)"));
+    }
+    Ok(mode)
+}
+
+fn parse_tcp(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    }
+    s.parse().map_err(|_| format!("`{s}` is neither a PORT nor a HOST:PORT address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_seed() {
+        let c = Config::try_parse_from(["scaled"]).unwrap();
+        assert_eq!(c.cache_size, 10_000);
+        assert_eq!(c.default_cache_ttl(), Some(Duration::from_secs(300)));
+        assert_eq!(c.default_lease(), Duration::from_secs(10));
+        assert_eq!(c.default_lock_wait(), Duration::from_secs(5));
+        assert_eq!(c.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(c.socket_mode, 0o660);
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for args in [
+            &["scaled", "--cache-ttl", "-1"][..],
+            &["scaled", "--lock-timeout", "NaN"],
+            &["scaled", "--socket-mode", "999"],
+            &["scaled", "--tcp", "nowhere"],
+            &["scaled", "--cache-size", "0"],
+        ] {
+            assert!(Config::try_parse_from(args).is_err(), "{args:?} was accepted");
+        }
+        let c = Config::try_parse_from(["scaled", "--tcp", "7000"]).unwrap();
+        assert_eq!(c.tcp, Some("127.0.0.1:7000".parse().unwrap()));
+    }
+}

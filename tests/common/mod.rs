@@ -1,0 +1,157 @@
+//! Shared helpers for the integration tests: start the real `scaled` binary on a socket in a fresh
+//! temporary directory, connect to it as a client would, and clean up.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+use scaled_client::frame::{push_frame, take_frame};
+use scaled_client::proto::{Args, CommandName, Request, Response, MAX_FRAME_LEN, PROTOCOL_VERSION};
+use scaled_client::{Client, Endpoint};
+
+/// How long a test waits for the daemon to come up or go down before failing.
+pub const STARTUP_LIMIT: Duration = Duration::from_secs(20);
+
+/// Environment variables the daemon reads, cleared so the caller's environment cannot change a test.
+const DAEMON_ENV: &[&str] = &[
+    "SCALED_SOCKET", "SCALED_SOCKET_MODE", "SCALED_TCP", "SCALED_TCP_ALLOW_REMOTE", "CACHE_SIZE",
+    "CACHE_MAX_BYTES", "CACHE_TTL", "CACHE_SHARDS", "LOCK_TIMEOUT", "LOCK_RETRY_DELAY",
+    "LOCK_MAX_RETRIES", "REDIS_URL", "REDIS_MAX_CONNECTIONS", "SCALED_MAX_CONNECTIONS",
+    "SCALED_MAX_IN_FLIGHT", "SCALED_SHUTDOWN_TIMEOUT", "SCALED_LOG",
+];
+
+/// A running daemon, killed when dropped.
+pub struct TestDaemon {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestDaemon {
+    /// Starts `scaled --socket <tmp>/scaled.sock <extra>` and waits until it accepts connections.
+    pub fn start(extra: &[&str]) -> TestDaemon {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("scaled.sock");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_scaled"));
+        for var in DAEMON_ENV {
+            cmd.env_remove(var);
+        }
+        let child = cmd
+            .arg("--socket")
+            .arg(&socket)
+            .args(extra)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn scaled");
+        let daemon = TestDaemon { child, socket, dir };
+        daemon.wait_until_serving();
+        daemon
+    }
+
+    fn wait_until_serving(&self) {
+        let deadline = Instant::now() + STARTUP_LIMIT;
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            assert!(Instant::now() < deadline, "scaled did not start serving {:?}", self.socket);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A client on the daemon's socket.
+    pub async fn client(&self) -> Client {
+        Client::connect(Endpoint::Unix(self.socket.clone()), "test").await.expect("connect")
+    }
+
+    /// A raw connection that has already said HELLO.
+    pub async fn raw(&self) -> RawConn {
+        let mut conn = self.raw_without_hello().await;
+        let hello = Request {
+            args: Args { version: Some(PROTOCOL_VERSION), client: Some("raw".into()), ..Args::default() },
+            ..Request::new(0, CommandName::Hello)
+        };
+        conn.send(&hello.to_msgpack()).await;
+        let answer = conn.recv().await.expect("HELLO answer");
+        assert!(answer.err.is_none(), "HELLO failed: {:?}", answer.err);
+        conn
+    }
+
+    /// A raw connection, nothing sent yet.
+    pub async fn raw_without_hello(&self) -> RawConn {
+        let stream = UnixStream::connect(&self.socket).await.expect("connect");
+        RawConn { stream, buf: BytesMut::new() }
+    }
+
+    /// Sends a signal to the daemon.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits for the daemon to exit, failing the test after `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "scaled did not exit within {limit:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A connection that speaks frames directly, for tests of the protocol itself.
+pub struct RawConn {
+    pub stream: UnixStream,
+    buf: BytesMut,
+}
+
+impl RawConn {
+    /// Sends one frame with this body.
+    pub async fn send(&mut self, body: &[u8]) {
+        let mut frame = Vec::new();
+        push_frame(&mut frame, body);
+        self.send_bytes(&frame).await;
+    }
+
+    /// Sends bytes as they are.
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write");
+    }
+
+    /// Sends a request.
+    pub async fn request(&mut self, request: &Request) {
+        self.send(&request.to_msgpack()).await;
+    }
+
+    /// The next response, or `None` when the daemon closed the connection. Fails the test after 20 s.
+    pub async fn recv(&mut self) -> Option<Response> {
+        tokio::time::timeout(STARTUP_LIMIT, async {
+            loop {
+                if let Some(body) = take_frame(&mut self.buf, MAX_FRAME_LEN).expect("frame size") {
+                    return Some(Response::decode(&body).expect("decodable response"));
+                }
+                if self.stream.read_buf(&mut self.buf).await.expect("read") == 0 {
+                    return None;
+                }
+            }
+        })
+        .await
+        .expect("no answer from scaled within 20 s")
+    }
+}
