@@ -1,1 +1,273 @@
-fn main(){}
+//! `scalectl`: talk to a running `scaled` from a shell or a script.
+//!
+//! Exit status: 0 on success; 1 when `get` finds no value; 2 on any error (message on stderr).
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use rmpv::Value;
+
+use scaled::config::DEFAULT_SOCKET;
+use scaled_client::{Client, Endpoint};
+
+/// Exit status for an error of any kind.
+const EXIT_ERROR: u8 = 2;
+
+/// Talk to a running scaled daemon.
+#[derive(Parser, Debug)]
+#[command(name = "scalectl", version)]
+struct Cli {
+    /// The daemon's Unix socket.
+    #[arg(long, global = true, env = "SCALED_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+
+    /// Connect over TCP to HOST:PORT instead of the Unix socket.
+    #[arg(long, global = true)]
+    tcp: Option<String>,
+
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Check the daemon answers; prints PONG and the round trip.
+    Ping,
+    /// Show the daemon's counters.
+    Stats {
+        /// Print the STATS document as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Refresh in place until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// Seconds between refreshes with --watch.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+    },
+    /// Print the raw value stored under KEY; exit 1 when there is none.
+    Get {
+        /// The key.
+        key: String,
+    },
+    /// Store VALUE under KEY ("-" reads the value from standard input).
+    Set {
+        /// The key.
+        key: String,
+        /// The value, or "-" for standard input.
+        value: String,
+        /// Seconds to live; 0 = never expires; default: the daemon's CACHE_TTL.
+        #[arg(long)]
+        ttl: Option<f64>,
+    },
+    /// Remove KEY; prints 1 if it was there, 0 if not.
+    Del {
+        /// The key.
+        key: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    };
+    runtime.block_on(run(cli))
+}
+
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("scalectl: {message}");
+    ExitCode::from(EXIT_ERROR)
+}
+
+async fn run(cli: Cli) -> ExitCode {
+    let endpoint = match &cli.tcp {
+        Some(addr) => Endpoint::Tcp(addr.clone()),
+        None => Endpoint::Unix(cli.socket.clone()),
+    };
+    let where_ = match &endpoint {
+        Endpoint::Unix(p) => p.display().to_string(),
+        Endpoint::Tcp(a) => a.clone(),
+    };
+    let client = match Client::connect(endpoint, "scalectl").await {
+        Ok(c) => c,
+        Err(e) => return fail(format!("cannot reach scaled at {where_}: {e}")),
+    };
+    let result = match cli.command {
+        Cmd::Ping => ping(&client).await,
+        Cmd::Stats { json, watch, interval } => stats(&client, json, watch, interval).await,
+        Cmd::Get { key } => get(&client, &key).await,
+        Cmd::Set { key, value, ttl } => set(&client, &key, &value, ttl).await,
+        Cmd::Del { key } => del(&client, &key).await,
+    };
+    result.unwrap_or_else(fail)
+}
+
+type CmdResult = Result<ExitCode, String>;
+
+async fn ping(client: &Client) -> CmdResult {
+    let start = std::time::Instant::now();
+    client.ping().await.map_err(|e| e.to_string())?;
+    println!("PONG ({} µs)", start.elapsed().as_micros());
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn get(client: &Client, key: &str) -> CmdResult {
+    match client.get(key).await.map_err(|e| e.to_string())? {
+        Some(value) => {
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(&value).and_then(|_| stdout.flush()).map_err(|e| e.to_string())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        None => Ok(ExitCode::from(1)),
+    }
+}
+
+async fn set(client: &Client, key: &str, value: &str, ttl: Option<f64>) -> CmdResult {
+    let ttl = match ttl {
+        Some(secs) if !secs.is_finite() || secs < 0.0 => {
+            return Err(format!("--ttl {secs} is not a number of seconds"));
+        }
+        Some(secs) => Some(Duration::from_secs_f64(secs)),
+        None => None,
+    };
+    let bytes = if value == "-" {
+        let mut buf = Vec::new();
+        std::io::stdin().read_to_end(&mut buf).map_err(|e| format!("reading stdin: {e}"))?;
+        buf
+    } else {
+        value.as_bytes().to_vec()
+    };
+    client.set(key, &bytes, ttl).await.map_err(|e| e.to_string())?;
+    println!("OK");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn del(client: &Client, key: &str) -> CmdResult {
+    let existed = client.del(key).await.map_err(|e| e.to_string())?;
+    println!("{}", u8::from(existed));
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn stats(client: &Client, json: bool, watch: bool, interval: f64) -> CmdResult {
+    if !interval.is_finite() || interval <= 0.0 {
+        return Err(format!("--interval {interval} is not a positive number of seconds"));
+    }
+    loop {
+        let doc = client.stats().await.map_err(|e| e.to_string())?;
+        let text = if json {
+            serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?
+        } else {
+            render_stats(&doc)
+        };
+        if watch {
+            // Home the cursor and clear the screen, so the table refreshes in place.
+            print!("\x1b[H\x1b[2J{text}\n");
+            let _ = std::io::stdout().flush();
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs_f64(interval)) => {}
+                _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+            }
+        } else {
+            println!("{text}");
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+}
+
+/// The member at `path` in a map-shaped value.
+fn at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
+    path.iter().try_fold(v, |v, key| {
+        v.as_map()?.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v)
+    })
+}
+
+fn num(v: &Value, path: &[&str]) -> f64 {
+    at(v, path).and_then(|v| v.as_f64().or_else(|| v.as_u64().map(|n| n as f64))).unwrap_or(0.0)
+}
+
+fn ms(v: &Value, path: &[&str]) -> String {
+    format!("{:.3} ms", num(v, path) * 1000.0)
+}
+
+/// The STATS document as a table for people.
+fn render_stats(doc: &Value) -> String {
+    let mut s = String::new();
+    let version = at(doc, &["version"]).and_then(Value::as_str).unwrap_or("?");
+    s += &format!("scaled {version}, up {:.0} s\n\n", num(doc, &["uptime_seconds"]));
+    s += &format!(
+        "cache        {} / {} entries, {} bytes   hit rate {:.2}%   hits {}   misses {}   evictions {}   expirations {}\n",
+        num(doc, &["cache", "size"]),
+        num(doc, &["cache", "max_size"]),
+        num(doc, &["cache", "bytes"]),
+        num(doc, &["cache", "hit_rate"]),
+        num(doc, &["cache", "hits"]),
+        num(doc, &["cache", "misses"]),
+        num(doc, &["cache", "evictions"]),
+        num(doc, &["cache", "expirations"]),
+    );
+    s += &format!(
+        "connections  {} open   {} accepted   {} refused\n",
+        num(doc, &["connections", "current"]),
+        num(doc, &["connections", "total"]),
+        num(doc, &["connections", "refused"]),
+    );
+    let redis = match (
+        at(doc, &["redis", "configured"]).and_then(Value::as_bool),
+        at(doc, &["redis", "available"]).and_then(Value::as_bool),
+    ) {
+        (Some(true), Some(true)) => "configured, available",
+        (Some(true), _) => "configured, UNAVAILABLE",
+        _ => "not configured (standalone)",
+    };
+    s += &format!("redis        {redis}\n");
+    if let Some(locks) = at(doc, &["locks"]).and_then(Value::as_map).filter(|m| !m.is_empty()) {
+        let parts: Vec<String> = locks
+            .iter()
+            .filter(|(_, v)| v.is_number())
+            .filter_map(|(k, v)| Some(format!("{} {}", k.as_str()?, v)))
+            .collect();
+        s += &format!("locks        {}\n", parts.join("   "));
+    }
+    s += &format!(
+        "\nlast {:.0} s: {} requests, {:.1} req/s ({} since start)\n",
+        num(doc, &["performance", "window_seconds"]),
+        num(doc, &["performance", "total_requests"]),
+        num(doc, &["performance", "requests_per_second"]),
+        num(doc, &["performance", "lifetime_requests"]),
+    );
+    s += &format!(
+        "{:<10} {:>10} {:>12} {:>12} {:>12} {:>12} {:>12}\n",
+        "command", "requests", "req/s", "avg", "p50", "p95", "p99"
+    );
+    let mut rows: Vec<(String, Vec<&str>)> = vec![("ALL".into(), vec!["performance"])];
+    if let Some(cmds) = at(doc, &["performance", "commands"]).and_then(Value::as_map) {
+        for (name, _) in cmds {
+            if let Some(name) = name.as_str() {
+                rows.push((name.to_string(), vec!["performance", "commands", name]));
+            }
+        }
+    }
+    for (name, base) in rows {
+        let path = |leaf: &'static str| -> Vec<&str> {
+            let mut p = base.clone();
+            p.push(leaf);
+            p
+        };
+        s += &format!(
+            "{:<10} {:>10} {:>12.1} {:>12} {:>12} {:>12} {:>12}\n",
+            name,
+            num(doc, &path("total_requests")),
+            num(doc, &path("requests_per_second")),
+            ms(doc, &path("avg_response_time")),
+            ms(doc, &path("p50_response_time")),
+            ms(doc, &path("p95_response_time")),
+            ms(doc, &path("p99_response_time")),
+        );
+    }
+    s
+}
