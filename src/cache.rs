@@ -101,7 +101,11 @@ impl SessionCache {
                 ))
             })
             .collect();
-        SessionCache { shards, hasher: DefaultHashBuilder::default(), limits }
+        SessionCache {
+            shards,
+            hasher: DefaultHashBuilder::default(),
+            limits,
+        }
     }
 
     fn locate(&self, key: &str) -> (u64, &Mutex<Shard>) {
@@ -139,7 +143,10 @@ impl SessionCache {
     /// Drops expired entries, looking at no more than `budget` slots of each shard, and returns how many
     /// it dropped. Called from the background; successive calls walk on round each shard.
     pub fn sweep(&self, now: Instant, budget: usize) -> usize {
-        self.shards.iter().map(|s| s.lock().sweep(now, budget)).sum()
+        self.shards
+            .iter()
+            .map(|s| s.lock().sweep(now, budget))
+            .sum()
     }
 
     /// Sizes and counters, summed over the shards.
@@ -238,17 +245,23 @@ impl Shard {
 
     fn node(&self, i: u32) -> &Node {
         // Only slot numbers taken from the table or the list reach here, and those are occupied.
-        self.slots[i as usize].as_ref().expect("linked slot is occupied")
+        self.slots[i as usize]
+            .as_ref()
+            .expect("linked slot is occupied")
     }
 
     fn node_mut(&mut self, i: u32) -> &mut Node {
-        self.slots[i as usize].as_mut().expect("linked slot is occupied")
+        self.slots[i as usize]
+            .as_mut()
+            .expect("linked slot is occupied")
     }
 
     fn find(&self, hash: u64, key: &str) -> Option<u32> {
         let slots = &self.slots;
         self.table
-            .find(hash, |&i| slots[i as usize].as_ref().is_some_and(|n| &*n.key == key))
+            .find(hash, |&i| {
+                slots[i as usize].as_ref().is_some_and(|n| &*n.key == key)
+            })
             .copied()
     }
 
@@ -278,7 +291,10 @@ impl Shard {
     ) -> Result<(), CacheError> {
         let size = key.len() + value.len();
         if size > self.max_bytes {
-            return Err(CacheError::EntryTooBig { size, budget: self.max_bytes });
+            return Err(CacheError::EntryTooBig {
+                size,
+                budget: self.max_bytes,
+            });
         }
         if let Some(i) = self.find(hash, key) {
             let node = self.node_mut(i);
@@ -288,7 +304,14 @@ impl Shard {
             self.bytes = self.bytes - old + size - key.len();
             self.touch(i);
         } else {
-            let node = Node { key: key.into(), value, hash, expires_at, prev: NIL, next: NIL };
+            let node = Node {
+                key: key.into(),
+                value,
+                hash,
+                expires_at,
+                prev: NIL,
+                next: NIL,
+            };
             let i = match self.free.pop() {
                 Some(i) => {
                     self.slots[i as usize] = Some(node);
@@ -340,7 +363,10 @@ impl Shard {
             }
             let i = self.sweep_cursor as u32;
             self.sweep_cursor += 1;
-            if self.slots[i as usize].as_ref().is_some_and(|n| n.expired(now)) {
+            if self.slots[i as usize]
+                .as_ref()
+                .is_some_and(|n| n.expired(now))
+            {
                 self.drop_slot(i);
                 self.expirations += 1;
                 dropped += 1;
@@ -413,7 +439,11 @@ mod tests {
     use std::time::Duration;
 
     fn cache(entries: usize) -> SessionCache {
-        SessionCache::new(CacheLimits { max_entries: entries, max_bytes: None, shards: 0 })
+        SessionCache::new(CacheLimits {
+            max_entries: entries,
+            max_bytes: None,
+            shards: 0,
+        })
     }
 
     #[test]
@@ -451,7 +481,11 @@ mod tests {
 
     #[test]
     fn byte_budget_evicts_and_refuses_what_cannot_fit() {
-        let c = SessionCache::new(CacheLimits { max_entries: 100, max_bytes: Some(30), shards: 1 });
+        let c = SessionCache::new(CacheLimits {
+            max_entries: 100,
+            max_bytes: Some(30),
+            shards: 1,
+        });
         let now = Instant::now();
         c.set("k1", Bytes::from(vec![0; 10]), None, now).unwrap();
         c.set("k2", Bytes::from(vec![0; 10]), None, now).unwrap();
@@ -483,7 +517,8 @@ mod tests {
         assert!(c.shard_count() > 1);
         let now = Instant::now();
         for i in 0..50_000 {
-            c.set(&format!("key{i}"), Bytes::from_static(b"v"), None, now).unwrap();
+            c.set(&format!("key{i}"), Bytes::from_static(b"v"), None, now)
+                .unwrap();
         }
         let s = c.stats();
         assert_eq!(s.size, 10_000);

@@ -118,7 +118,10 @@ impl Config {
 
 /// Seconds as a non-negative, finite number, so `Duration::from_secs_f64` can never panic.
 fn parse_secs(s: &str) -> Result<f64, String> {
-    let v: f64 = s.trim().parse().map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
     if !v.is_finite() || !(0.0..=1e9).contains(&v) {
         return Err(format!("`{s}` is out of range: give 0 to 1e9 seconds"));
     }
@@ -138,7 +141,8 @@ fn parse_tcp(s: &str) -> Result<SocketAddr, String> {
     if let Ok(port) = s.parse::<u16>() {
         return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
     }
-    s.parse().map_err(|_| format!("`{s}` is neither a PORT nor a HOST:PORT address"))
+    s.parse()
+        .map_err(|_| format!("`{s}` is neither a PORT nor a HOST:PORT address"))
 }
 
 #[cfg(test)]
@@ -165,7 +169,10 @@ mod tests {
             &["scaled", "--tcp", "nowhere"],
             &["scaled", "--cache-size", "0"],
         ] {
-            assert!(Config::try_parse_from(args).is_err(), "{args:?} was accepted");
+            assert!(
+                Config::try_parse_from(args).is_err(),
+                "{args:?} was accepted"
+            );
         }
         let c = Config::try_parse_from(["scaled", "--tcp", "7000"]).unwrap();
         assert_eq!(c.tcp, Some("127.0.0.1:7000".parse().unwrap()));

@@ -34,7 +34,12 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut peer = Peer { conn_id, client_name: None };
+    let mut peer = Peer::new(conn_id);
+    let _departure = Departure {
+        daemon: &daemon,
+        conn_id,
+        alive: peer.alive.clone(),
+    };
     let mut inbuf = BytesMut::with_capacity(READ_BUF);
     let mut out: Vec<u8> = Vec::with_capacity(READ_BUF);
     let mut waiting: JoinSet<(RequestContext, CommandResult)> = JoinSet::new();
@@ -96,6 +101,24 @@ where
     let _ = writer.shutdown().await;
 }
 
+/// Frees what a connection held when it ends, however it ends: a crashed app must not leave a session
+/// locked until its lease runs out.
+struct Departure<'a> {
+    daemon: &'a Daemon,
+    conn_id: u64,
+    alive: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for Departure<'_> {
+    fn drop(&mut self) {
+        // Cancel first: from here on none of this connection's queued LOCKs can be granted.
+        self.alive.cancel();
+        self.daemon
+            .locks
+            .release_connection(self.conn_id, Instant::now());
+    }
+}
+
 /// Runs every complete frame in `inbuf`. Returns false when a frame's length prefix is over the limit:
 /// the stream cannot be trusted past it, so the connection is closed after the answer.
 fn drain_frames(
@@ -120,7 +143,12 @@ fn drain_frames(
             Ok(request) => request,
             Err((id, message)) => {
                 let ctx = RequestContext::begin(peer.conn_id, id, None, None, None, now);
-                respond(daemon, out, &ctx, &Err(CommandError::new(ErrorCode::Malformed, message)));
+                respond(
+                    daemon,
+                    out,
+                    &ctx,
+                    &Err(CommandError::new(ErrorCode::Malformed, message)),
+                );
                 continue;
             }
         };

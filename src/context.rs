@@ -45,7 +45,13 @@ impl RequestContext {
             session_id,
             user_id,
         );
-        RequestContext { request_id, id, cmd, started, span }
+        RequestContext {
+            request_id,
+            id,
+            cmd,
+            started,
+            span,
+        }
     }
 
     /// Microseconds since the request was read.

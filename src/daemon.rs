@@ -1,6 +1,7 @@
 //! The state every connection shares: the cache, the lock table, the meter and the connection counters.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use serde::Serialize;
 use tokio::time::Instant;
@@ -8,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::{CacheLimits, SessionCache};
 use crate::config::Config;
+use crate::locks::LockTable;
 use crate::meter::RequestMeter;
 
 /// The daemon's shared state. One value, behind an `Arc`, handed to every connection.
@@ -16,6 +18,8 @@ pub struct Daemon {
     pub config: Config,
     /// Session state and anything else the apps cache.
     pub cache: SessionCache,
+    /// Session locks. In an `Arc` because waiters hold it to leave their queue when dropped.
+    pub locks: Arc<LockTable>,
     /// Response times and rates for STATS.
     pub meter: RequestMeter,
     /// Connection counts for STATS.
@@ -39,6 +43,7 @@ impl Daemon {
         Daemon {
             config,
             cache,
+            locks: Arc::new(LockTable::new()),
             meter: RequestMeter::new(started),
             connections: ConnectionCounters::default(),
             started,

@@ -21,5 +21,6 @@ pub mod config;
 pub mod connection;
 pub mod context;
 pub mod daemon;
+pub mod locks;
 pub mod meter;
 pub mod server;

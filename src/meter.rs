@@ -85,7 +85,8 @@ pub struct RequestMeter {
 
 /// Index of a command in the per-kind arrays; `None` is a frame with no known command.
 fn kind(cmd: Option<CommandName>) -> usize {
-    cmd.and_then(|c| CommandName::ALL.iter().position(|&k| k == c)).unwrap_or(KINDS - 1)
+    cmd.and_then(|c| CommandName::ALL.iter().position(|&k| k == c))
+        .unwrap_or(KINDS - 1)
 }
 
 fn kind_name(kind: usize) -> &'static str {
@@ -112,7 +113,11 @@ impl RequestMeter {
                 })
             })
             .collect();
-        RequestMeter { slots, started, lifetime: AtomicU64::new(0) }
+        RequestMeter {
+            slots,
+            started,
+            lifetime: AtomicU64::new(0),
+        }
     }
 
     /// Records one request of `cmd` (None: no known command) that took `elapsed_us` and finished at `now`.
@@ -124,7 +129,9 @@ impl RequestMeter {
         if slot.second != second {
             slot.clear(second);
         }
-        slot.histograms[k].get_or_insert_with(new_histogram).saturating_record(elapsed_us.max(1));
+        slot.histograms[k]
+            .get_or_insert_with(new_histogram)
+            .saturating_record(elapsed_us.max(1));
         slot.sums_us[k] += elapsed_us;
     }
 
@@ -193,9 +200,17 @@ mod tests {
         let t0 = Instant::now();
         let m = RequestMeter::new(t0);
         for us in 1..=100 {
-            m.record(Some(CommandName::Get), us * 10, t0 + Duration::from_millis(500));
+            m.record(
+                Some(CommandName::Get),
+                us * 10,
+                t0 + Duration::from_millis(500),
+            );
         }
-        m.record(Some(CommandName::Set), 5000, t0 + Duration::from_millis(1500));
+        m.record(
+            Some(CommandName::Set),
+            5000,
+            t0 + Duration::from_millis(1500),
+        );
         let s = m.snapshot(t0 + Duration::from_secs(2));
         assert_eq!(s.overall.total_requests, 101);
         assert_eq!(s.commands["GET"].total_requests, 100);

@@ -89,18 +89,27 @@ impl Server {
         let path_lock = claim_socket_path(&socket_path)?;
         let unix = UnixListener::bind(&socket_path)
             .map_err(io_err(format!("binding {}", socket_path.display())))?;
-        fs::set_permissions(&socket_path, Permissions::from_mode(config.socket_mode))
-            .map_err(io_err(format!("setting the mode of {}", socket_path.display())))?;
+        fs::set_permissions(&socket_path, Permissions::from_mode(config.socket_mode)).map_err(
+            io_err(format!("setting the mode of {}", socket_path.display())),
+        )?;
         let tcp = match config.tcp {
             Some(addr) => {
                 let listener = std::net::TcpListener::bind(addr)
                     .map_err(io_err(format!("binding tcp {addr}")))?;
-                listener.set_nonblocking(true).map_err(io_err("tcp listener"))?;
+                listener
+                    .set_nonblocking(true)
+                    .map_err(io_err("tcp listener"))?;
                 Some(TcpListener::from_std(listener).map_err(io_err("tcp listener"))?)
             }
             None => None,
         };
-        Ok(Server { daemon: Arc::new(Daemon::new(config)), unix, tcp, socket_path, _path_lock: path_lock })
+        Ok(Server {
+            daemon: Arc::new(Daemon::new(config)),
+            unix,
+            tcp,
+            socket_path,
+            _path_lock: path_lock,
+        })
     }
 
     /// The shared state, for tests and for the binary to cancel.
@@ -115,7 +124,13 @@ impl Server {
 
     /// Serves until [`Daemon::shutdown`] is cancelled, then drains and removes the socket file.
     pub async fn run(self) {
-        let Server { daemon, unix, tcp, socket_path, _path_lock } = self;
+        let Server {
+            daemon,
+            unix,
+            tcp,
+            socket_path,
+            _path_lock,
+        } = self;
         tracing::info!(
             socket = %socket_path.display(),
             tcp = ?tcp.as_ref().and_then(|l| l.local_addr().ok()),
@@ -127,7 +142,14 @@ impl Server {
         let ids = Arc::new(AtomicU64::new(1));
 
         tracker.spawn(sweep_cache(daemon.clone()));
-        let unix_loop = accept_unix(unix, daemon.clone(), tracker.clone(), limit.clone(), ids.clone());
+        tracker.spawn(daemon.locks.clone().run_expiry(daemon.shutdown.clone()));
+        let unix_loop = accept_unix(
+            unix,
+            daemon.clone(),
+            tracker.clone(),
+            limit.clone(),
+            ids.clone(),
+        );
         match tcp {
             Some(tcp) => {
                 let tcp_loop = accept_tcp(tcp, daemon.clone(), tracker.clone(), limit, ids);
@@ -136,11 +158,17 @@ impl Server {
             None => unix_loop.await,
         }
 
-        tracing::info!(in_flight = tracker.len(), "shutting down: draining connections");
+        tracing::info!(
+            in_flight = tracker.len(),
+            "shutting down: draining connections"
+        );
         tracker.close();
         let grace = daemon.config.shutdown_grace();
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-            tracing::warn!(?grace, "connections still busy after the grace period; closing anyway");
+            tracing::warn!(
+                ?grace,
+                "connections still busy after the grace period; closing anyway"
+            );
         }
         if let Err(e) = fs::remove_file(&socket_path) {
             tracing::warn!(socket = %socket_path.display(), error = %e, "could not remove the socket");
@@ -162,7 +190,10 @@ fn claim_socket_path(path: &Path) -> Result<File, StartError> {
         .truncate(false)
         .write(true)
         .open(&lock_path)
-        .map_err(io_err(format!("opening {}", Path::new(&lock_path).display())))?;
+        .map_err(io_err(format!(
+            "opening {}",
+            Path::new(&lock_path).display()
+        )))?;
     if lock.try_lock().is_err() {
         return Err(StartError::AlreadyRunning(path.to_path_buf()));
     }
@@ -254,7 +285,11 @@ fn start_connection<R, W>(
             let mut out = Vec::new();
             let start = begin_frame(&mut out);
             write_response_head(&mut out, 0, &uuid::Uuid::new_v4().to_string(), 0);
-            write_err(&mut out, ErrorCode::Overloaded, "connection limit reached; try again later");
+            write_err(
+                &mut out,
+                ErrorCode::Overloaded,
+                "connection limit reached; try again later",
+            );
             finish_frame(&mut out, start);
             let _ = writer.write_all(&out).await;
             let _ = writer.shutdown().await;

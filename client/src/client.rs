@@ -80,7 +80,11 @@ impl Client {
             reconnect: tokio::sync::Mutex::new(()),
             next_id: AtomicU64::new(1),
         });
-        let client = Client { shared, session_id: None, user_id: None };
+        let client = Client {
+            shared,
+            session_id: None,
+            user_id: None,
+        };
         client.connection().await?;
         Ok(client)
     }
@@ -101,19 +105,27 @@ impl Client {
 
     /// Checks the daemon answers.
     pub async fn ping(&self) -> Result<()> {
-        self.call(CommandName::Ping, Args::default()).await.map(drop)
+        self.call(CommandName::Ping, Args::default())
+            .await
+            .map(drop)
     }
 
     /// A PING the daemon answers only after `delay`: a way to see that a slow request does not hold up
     /// the fast ones behind it.
     pub async fn ping_after(&self, delay: Duration) -> Result<()> {
-        let args = Args { delay_ms: Some(delay.as_millis() as u64), ..Args::default() };
+        let args = Args {
+            delay_ms: Some(delay.as_millis() as u64),
+            ..Args::default()
+        };
         self.call(CommandName::Ping, args).await.map(drop)
     }
 
     /// The value stored under `key`, or `None`.
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        let args = Args { key: Some(key.to_string()), ..Args::default() };
+        let args = Args {
+            key: Some(key.to_string()),
+            ..Args::default()
+        };
         match self.call(CommandName::Get, args).await? {
             rmpv::Value::Nil => Ok(None),
             rmpv::Value::Binary(b) => Ok(Some(b)),
@@ -134,7 +146,10 @@ impl Client {
 
     /// Removes `key`; true when it was there.
     pub async fn del(&self, key: &str) -> Result<bool> {
-        let args = Args { key: Some(key.to_string()), ..Args::default() };
+        let args = Args {
+            key: Some(key.to_string()),
+            ..Args::default()
+        };
         match self.call(CommandName::Del, args).await? {
             rmpv::Value::Boolean(b) => Ok(b),
             other => Err(Error::Protocol(format!("DEL answered {other}"))),
@@ -170,7 +185,10 @@ impl Client {
         let _registered = Registration::new(&conn.pending, id, tx)?;
         let mut frame = Vec::new();
         push_frame(&mut frame, &request.to_msgpack());
-        conn.outbox.send(frame).await.map_err(|_| Error::ConnectionLost)?;
+        conn.outbox
+            .send(frame)
+            .await
+            .map_err(|_| Error::ConnectionLost)?;
         rx.await.map_err(|_| Error::ConnectionLost)
     }
 
@@ -250,7 +268,9 @@ async fn open(endpoint: &Endpoint, name: &str) -> Result<Conn> {
     push_frame(&mut frame, &hello.to_msgpack());
     writer.write_all(&frame).await?;
     let mut buf = BytesMut::with_capacity(16 * 1024);
-    let answer = read_response(&mut reader, &mut buf).await?.ok_or(Error::ConnectionLost)?;
+    let answer = read_response(&mut reader, &mut buf)
+        .await?
+        .ok_or(Error::ConnectionLost)?;
     if let Some(err) = answer.err {
         return Err(err.into());
     }
@@ -288,7 +308,10 @@ async fn read_loop(
     writer_task: tokio::task::JoinHandle<()>,
 ) {
     while let Ok(Some(response)) = read_response(&mut reader, &mut buf).await {
-        let waiter = pending.lock().ok().and_then(|mut p| p.as_mut()?.remove(&response.id));
+        let waiter = pending
+            .lock()
+            .ok()
+            .and_then(|mut p| p.as_mut()?.remove(&response.id));
         if let Some(tx) = waiter {
             // A caller that gave up has dropped its receiver; its answer has nowhere to go.
             let _ = tx.send(response);

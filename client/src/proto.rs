@@ -23,7 +23,8 @@ pub const MAX_VALUE_LEN: usize = 1024 * 1024;
 pub const MAX_PING_DELAY_MS: u64 = 60_000;
 
 /// The commands of the protocol. On the wire each is its upper-case name as a MessagePack str.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Deserialized by hand (below) so that only a str names a command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum CommandName {
     /// Opens a connection: protocol version and client name.
@@ -47,7 +48,6 @@ pub enum CommandName {
     /// The daemon's counters.
     Stats,
     /// Any name this version does not know. Never sent by this crate; answered with `UNKNOWN_COMMAND`.
-    #[serde(other)]
     Unknown,
 }
 
@@ -87,6 +87,25 @@ impl CommandName {
 impl fmt::Display for CommandName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// Only a str names a command: a derived enum would also take an integer as the index of a variant
+/// (so `cmd: 3` ran SET) or a one-entry map, neither of which the protocol allows.
+impl<'de> Deserialize<'de> for CommandName {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<CommandName, D::Error> {
+        struct Name;
+        impl serde::de::Visitor<'_> for Name {
+            type Value = CommandName;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a command name as a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<CommandName, E> {
+                let known = CommandName::ALL.into_iter().find(|c| c.as_str() == name);
+                Ok(known.unwrap_or(CommandName::Unknown))
+            }
+        }
+        de.deserialize_str(Name)
     }
 }
 
@@ -166,7 +185,13 @@ pub struct Request {
 impl Request {
     /// A request with no arguments and no context.
     pub fn new(id: u64, cmd: CommandName) -> Request {
-        Request { id, cmd, args: Args::default(), session_id: None, user_id: None }
+        Request {
+            id,
+            cmd,
+            args: Args::default(),
+            session_id: None,
+            user_id: None,
+        }
     }
 
     /// The body of a frame carrying this request (without the length prefix).
@@ -189,9 +214,14 @@ pub fn decode_request(body: &[u8]) -> Result<Request, (u64, String)> {
     let mut de = rmp_serde::Deserializer::new(&mut rest);
     match Request::deserialize(&mut de) {
         Ok(req) if rest.is_empty() => Ok(req),
-        Ok(req) => Err((req.id, format!("{} bytes after the request map", rest.len()))),
+        Ok(req) => Err((
+            req.id,
+            format!("{} bytes after the request map", rest.len()),
+        )),
         Err(e) => {
-            let id = rmp_serde::from_slice::<IdOnly>(body).map(|i| i.id).unwrap_or(0);
+            let id = rmp_serde::from_slice::<IdOnly>(body)
+                .map(|i| i.id)
+                .unwrap_or(0);
             Err((id, format!("not a request envelope: {e}")))
         }
     }

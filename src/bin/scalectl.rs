@@ -72,7 +72,10 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the runtime: {e}")),
     };
@@ -99,7 +102,11 @@ async fn run(cli: Cli) -> ExitCode {
     };
     let result = match cli.command {
         Cmd::Ping => ping(&client).await,
-        Cmd::Stats { json, watch, interval } => stats(&client, json, watch, interval).await,
+        Cmd::Stats {
+            json,
+            watch,
+            interval,
+        } => stats(&client, json, watch, interval).await,
         Cmd::Get { key } => get(&client, &key).await,
         Cmd::Set { key, value, ttl } => set(&client, &key, &value, ttl).await,
         Cmd::Del { key } => del(&client, &key).await,
@@ -120,7 +127,10 @@ async fn get(client: &Client, key: &str) -> CmdResult {
     match client.get(key).await.map_err(|e| e.to_string())? {
         Some(value) => {
             let mut stdout = std::io::stdout().lock();
-            stdout.write_all(&value).and_then(|_| stdout.flush()).map_err(|e| e.to_string())?;
+            stdout
+                .write_all(&value)
+                .and_then(|_| stdout.flush())
+                .map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)
         }
         None => Ok(ExitCode::from(1)),
@@ -137,12 +147,17 @@ async fn set(client: &Client, key: &str, value: &str, ttl: Option<f64>) -> CmdRe
     };
     let bytes = if value == "-" {
         let mut buf = Vec::new();
-        std::io::stdin().read_to_end(&mut buf).map_err(|e| format!("reading stdin: {e}"))?;
+        std::io::stdin()
+            .read_to_end(&mut buf)
+            .map_err(|e| format!("reading stdin: {e}"))?;
         buf
     } else {
         value.as_bytes().to_vec()
     };
-    client.set(key, &bytes, ttl).await.map_err(|e| e.to_string())?;
+    client
+        .set(key, &bytes, ttl)
+        .await
+        .map_err(|e| e.to_string())?;
     println!("OK");
     Ok(ExitCode::SUCCESS)
 }
@@ -155,7 +170,9 @@ async fn del(client: &Client, key: &str) -> CmdResult {
 
 async fn stats(client: &Client, json: bool, watch: bool, interval: f64) -> CmdResult {
     if !interval.is_finite() || interval <= 0.0 {
-        return Err(format!("--interval {interval} is not a positive number of seconds"));
+        return Err(format!(
+            "--interval {interval} is not a positive number of seconds"
+        ));
     }
     loop {
         let doc = client.stats().await.map_err(|e| e.to_string())?;
@@ -166,7 +183,7 @@ async fn stats(client: &Client, json: bool, watch: bool, interval: f64) -> CmdRe
         };
         if watch {
             // Home the cursor and clear the screen, so the table refreshes in place.
-            print!("\x1b[H\x1b[2J{text}\n");
+            println!("\x1b[H\x1b[2J{text}");
             let _ = std::io::stdout().flush();
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs_f64(interval)) => {}
@@ -182,12 +199,17 @@ async fn stats(client: &Client, json: bool, watch: bool, interval: f64) -> CmdRe
 /// The member at `path` in a map-shaped value.
 fn at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
     path.iter().try_fold(v, |v, key| {
-        v.as_map()?.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v)
+        v.as_map()?
+            .iter()
+            .find(|(k, _)| k.as_str() == Some(key))
+            .map(|(_, v)| v)
     })
 }
 
 fn num(v: &Value, path: &[&str]) -> f64 {
-    at(v, path).and_then(|v| v.as_f64().or_else(|| v.as_u64().map(|n| n as f64))).unwrap_or(0.0)
+    at(v, path)
+        .and_then(|v| v.as_f64().or_else(|| v.as_u64().map(|n| n as f64)))
+        .unwrap_or(0.0)
 }
 
 fn ms(v: &Value, path: &[&str]) -> String {
@@ -198,7 +220,10 @@ fn ms(v: &Value, path: &[&str]) -> String {
 fn render_stats(doc: &Value) -> String {
     let mut s = String::new();
     let version = at(doc, &["version"]).and_then(Value::as_str).unwrap_or("?");
-    s += &format!("scaled {version}, up {:.0} s\n\n", num(doc, &["uptime_seconds"]));
+    s += &format!(
+        "scaled {version}, up {:.0} s\n\n",
+        num(doc, &["uptime_seconds"])
+    );
     s += &format!(
         "cache        {} / {} entries, {} bytes   hit rate {:.2}%   hits {}   misses {}   evictions {}   expirations {}\n",
         num(doc, &["cache", "size"]),
@@ -225,7 +250,10 @@ fn render_stats(doc: &Value) -> String {
         _ => "not configured (standalone)",
     };
     s += &format!("redis        {redis}\n");
-    if let Some(locks) = at(doc, &["locks"]).and_then(Value::as_map).filter(|m| !m.is_empty()) {
+    if let Some(locks) = at(doc, &["locks"])
+        .and_then(Value::as_map)
+        .filter(|m| !m.is_empty())
+    {
         let parts: Vec<String> = locks
             .iter()
             .filter(|(_, v)| v.is_number())

@@ -6,10 +6,18 @@ use tokio::time::Instant;
 
 use scaled_client::proto::Args;
 
-use super::{required_key, CommandResult, Reply};
+use super::{fenced, required_key, CommandResult, Reply};
 use crate::daemon::Daemon;
 
 pub fn run(daemon: &Arc<Daemon>, mut args: Args, now: Instant) -> CommandResult {
     let key = required_key(&mut args)?;
-    Ok(Reply::Bool(daemon.cache.remove(&key, now)))
+    let remove = || daemon.cache.remove(&key, now);
+    let existed = match args.fence.take() {
+        None => remove(),
+        Some(fence) => daemon
+            .locks
+            .fenced(&fence.lock, fence.token, remove)
+            .map_err(fenced)?,
+    };
+    Ok(Reply::Bool(existed))
 }

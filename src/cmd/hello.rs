@@ -2,7 +2,9 @@
 
 use serde::Serialize;
 
-use scaled_client::proto::{Args, ErrorCode, MAX_FRAME_LEN, MAX_KEY_LEN, MAX_VALUE_LEN, PROTOCOL_VERSION};
+use scaled_client::proto::{
+    Args, ErrorCode, MAX_FRAME_LEN, MAX_KEY_LEN, MAX_VALUE_LEN, PROTOCOL_VERSION,
+};
 
 use super::{CommandError, CommandResult, Peer, Reply};
 
@@ -28,6 +30,7 @@ pub fn run(peer: &mut Peer, args: Args) -> CommandResult {
     }
     let name = args.client.unwrap_or_default();
     tracing::debug!(conn = peer.conn_id, client = %name, "hello");
+    peer.owner = std::sync::Arc::from(format!("{name}#{}", peer.conn_id));
     peer.client_name = Some(name);
     Reply::encode(&Welcome {
         version: PROTOCOL_VERSION,

@@ -6,11 +6,15 @@
 //! holds up a fast one behind it.
 
 mod del;
+mod extend;
 mod get;
 mod hello;
+mod lock;
+mod locks;
 mod ping;
 mod set;
 mod stats;
+mod unlock;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,6 +22,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use scaled_client::proto::{Args, CommandName, ErrorCode, Request, MAX_KEY_LEN};
 
@@ -79,7 +84,10 @@ pub struct CommandError {
 impl CommandError {
     /// An error with this code and message.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> CommandError {
-        CommandError { code, message: message.into() }
+        CommandError {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -109,6 +117,22 @@ pub struct Peer {
     pub conn_id: u64,
     /// The name the client gave in HELLO; `None` until HELLO succeeds.
     pub client_name: Option<String>,
+    /// "name#conn", shown as the owner of the locks this connection takes.
+    pub owner: Arc<str>,
+    /// Cancelled when the connection closes, so none of its queued LOCKs can be granted after.
+    pub alive: CancellationToken,
+}
+
+impl Peer {
+    /// A connection that has not said HELLO yet.
+    pub fn new(conn_id: u64) -> Peer {
+        Peer {
+            conn_id,
+            client_name: None,
+            owner: Arc::from(format!("#{conn_id}")),
+            alive: CancellationToken::new(),
+        }
+    }
 }
 
 /// Runs one decoded request.
@@ -127,12 +151,10 @@ pub fn dispatch(daemon: &Arc<Daemon>, peer: &mut Peer, request: Request, now: In
         CommandName::Set => set::run(daemon, args, now).into(),
         CommandName::Del => del::run(daemon, args, now).into(),
         CommandName::Stats => stats::run(daemon, now).into(),
-        CommandName::Lock | CommandName::Unlock | CommandName::Extend | CommandName::Locks => {
-            Outcome::Done(Err(CommandError::new(
-                ErrorCode::UnknownCommand,
-                format!("{} is not available in this version", request.cmd),
-            )))
-        }
+        CommandName::Lock => lock::run(daemon, peer, args, now),
+        CommandName::Unlock => unlock::run(daemon, args, now).into(),
+        CommandName::Extend => extend::run(daemon, args, now).into(),
+        CommandName::Locks => locks::run(daemon, now).into(),
         CommandName::Unknown => Outcome::Done(Err(CommandError::new(
             ErrorCode::UnknownCommand,
             "unknown command; see proto-spec.md for the list",
@@ -150,6 +172,36 @@ fn required_key(args: &mut Args) -> Result<String, CommandError> {
     Ok(key)
 }
 
+/// The `token` argument of UNLOCK and EXTEND.
+fn required_token(args: &mut Args) -> Result<String, CommandError> {
+    args.token
+        .take()
+        .ok_or_else(|| CommandError::new(ErrorCode::BadArgument, "missing argument `token`"))
+}
+
+/// The answer to a write refused by its fence.
+fn fenced(e: crate::locks::Fenced) -> CommandError {
+    CommandError::new(ErrorCode::Fenced, e.to_string())
+}
+
+/// Longest lease or wait a LOCK may ask for: a day.
+const MAX_LOCK_MS: u64 = 86_400_000;
+
+/// A lock duration argument in milliseconds, checked to be 1 ms to a day; `None` when absent.
+fn lock_millis(
+    value: Option<u64>,
+    name: &str,
+) -> Result<Option<std::time::Duration>, CommandError> {
+    match value {
+        None => Ok(None),
+        Some(ms) if ms == 0 || ms > MAX_LOCK_MS => Err(CommandError::new(
+            ErrorCode::BadArgument,
+            format!("{name} must be 1 to {MAX_LOCK_MS} milliseconds, not {ms}"),
+        )),
+        Some(ms) => Ok(Some(std::time::Duration::from_millis(ms))),
+    }
+}
+
 /// Checks a key's length.
 fn check_key(key: &str) -> Result<(), CommandError> {
     if key.is_empty() {
@@ -158,7 +210,10 @@ fn check_key(key: &str) -> Result<(), CommandError> {
     if key.len() > MAX_KEY_LEN {
         return Err(CommandError::new(
             ErrorCode::TooLarge,
-            format!("key of {} bytes is over the {MAX_KEY_LEN} byte limit", key.len()),
+            format!(
+                "key of {} bytes is over the {MAX_KEY_LEN} byte limit",
+                key.len()
+            ),
         ));
     }
     Ok(())

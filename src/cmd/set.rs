@@ -8,7 +8,7 @@ use tokio::time::Instant;
 
 use scaled_client::proto::{Args, ErrorCode, MAX_VALUE_LEN};
 
-use super::{required_key, CommandError, CommandResult, Reply};
+use super::{fenced, required_key, CommandError, CommandResult, Reply};
 use crate::daemon::Daemon;
 
 pub fn run(daemon: &Arc<Daemon>, mut args: Args, now: Instant) -> CommandResult {
@@ -20,7 +20,10 @@ pub fn run(daemon: &Arc<Daemon>, mut args: Args, now: Instant) -> CommandResult 
     if value.len() > MAX_VALUE_LEN {
         return Err(CommandError::new(
             ErrorCode::TooLarge,
-            format!("value of {} bytes is over the {MAX_VALUE_LEN} byte limit", value.len()),
+            format!(
+                "value of {} bytes is over the {MAX_VALUE_LEN} byte limit",
+                value.len()
+            ),
         ));
     }
     let ttl = match args.ttl_ms {
@@ -30,9 +33,14 @@ pub fn run(daemon: &Arc<Daemon>, mut args: Args, now: Instant) -> CommandResult 
     };
     // A TTL too long to add to the clock is as good as none.
     let expires_at = ttl.and_then(|t| now.checked_add(t));
-    daemon
-        .cache
-        .set(&key, Bytes::from(value), expires_at, now)
-        .map_err(|e| CommandError::new(ErrorCode::TooLarge, e.to_string()))?;
+    let write = || daemon.cache.set(&key, Bytes::from(value), expires_at, now);
+    let written = match args.fence.take() {
+        None => write(),
+        Some(fence) => daemon
+            .locks
+            .fenced(&fence.lock, fence.token, write)
+            .map_err(fenced)?,
+    };
+    written.map_err(|e| CommandError::new(ErrorCode::TooLarge, e.to_string()))?;
     Ok(Reply::Text("OK"))
 }

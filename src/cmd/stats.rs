@@ -8,6 +8,7 @@ use tokio::time::Instant;
 use super::{CommandResult, Reply};
 use crate::cache::CacheStats;
 use crate::daemon::{ConnectionStats, Daemon};
+use crate::locks::LockStats;
 use crate::meter::MeterSnapshot;
 
 /// The STATS document. proto-spec.md lists every member.
@@ -19,7 +20,7 @@ pub struct StatsDoc {
     performance: MeterSnapshot,
     redis: RedisStats,
     connections: ConnectionStats,
-    locks: serde_json::Map<String, serde_json::Value>,
+    locks: LockStats,
 }
 
 /// Whether a Redis backend is in use and reachable.
@@ -35,8 +36,11 @@ pub fn run(daemon: &Arc<Daemon>, now: Instant) -> CommandResult {
         uptime_seconds: now.saturating_duration_since(daemon.started).as_secs_f64(),
         cache: daemon.cache.stats(),
         performance: daemon.meter.snapshot(now),
-        redis: RedisStats { configured: false, available: false },
+        redis: RedisStats {
+            configured: false,
+            available: false,
+        },
         connections: daemon.connections.stats(),
-        locks: serde_json::Map::new(),
+        locks: daemon.locks.stats(),
     })
 }

@@ -1,0 +1,32 @@
+//! EXTEND: renews the lease of a lock held with this owner token, to `ttl_ms` from now.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use scaled_client::proto::Args;
+
+use super::{lock_millis, required_key, required_token, CommandResult, Reply};
+use crate::daemon::Daemon;
+use crate::locks::Status;
+
+#[derive(Serialize)]
+struct Answer {
+    status: Status,
+    ttl_ms: u64,
+}
+
+pub fn run(daemon: &Arc<Daemon>, mut args: Args, now: Instant) -> CommandResult {
+    let key = required_key(&mut args)?;
+    let token = required_token(&mut args)?;
+    let lease =
+        lock_millis(args.ttl_ms, "ttl_ms")?.unwrap_or_else(|| daemon.config.default_lease());
+    let status = daemon.locks.extend(&key, &token, lease, now);
+    let ttl_ms = if status == Status::Ok {
+        lease.as_millis() as u64
+    } else {
+        0
+    };
+    Reply::encode(&Answer { status, ttl_ms })
+}
