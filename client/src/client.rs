@@ -29,7 +29,15 @@ pub enum Endpoint {
 const OUTBOX_DEPTH: usize = 4096;
 
 /// Callers waiting for an answer, by request id; `None` once the connection is gone.
-type Pending = Mutex<Option<HashMap<u64, oneshot::Sender<Response>>>>;
+type Pending = Mutex<Option<HashMap<u64, Waiter>>>;
+
+/// A caller waiting for its answer.
+struct Waiter {
+    tx: oneshot::Sender<Response>,
+    /// For a LOCK, its key: if the caller gives up before the grant arrives, the reader gives the
+    /// grant back with an UNLOCK, so a cancelled `lock()` never leaves a lock held.
+    lock_key: Option<String>,
+}
 
 /// One live connection: a writer task fed through `outbox`, and a reader task that hands each response to
 /// the caller registered under its id.
@@ -182,7 +190,10 @@ impl Client {
             user_id: self.user_id.clone(),
         };
         let (tx, rx) = oneshot::channel();
-        let _registered = Registration::new(&conn.pending, id, tx)?;
+        let lock_key = (cmd == CommandName::Lock)
+            .then(|| request.args.key.clone())
+            .flatten();
+        let _registered = Registration::new(&conn.pending, id, Waiter { tx, lock_key })?;
         let mut frame = Vec::new();
         push_frame(&mut frame, &request.to_msgpack());
         conn.outbox
@@ -221,10 +232,10 @@ struct Registration<'a> {
 }
 
 impl<'a> Registration<'a> {
-    fn new(pending: &'a Pending, id: u64, tx: oneshot::Sender<Response>) -> Result<Self> {
+    fn new(pending: &'a Pending, id: u64, waiter: Waiter) -> Result<Self> {
         let mut guard = pending.lock().map_err(|_| Error::ConnectionLost)?;
         let map = guard.as_mut().ok_or(Error::ConnectionLost)?;
-        map.insert(id, tx);
+        map.insert(id, waiter);
         Ok(Registration { pending, id })
     }
 }
@@ -233,7 +244,10 @@ impl Drop for Registration<'_> {
     fn drop(&mut self) {
         if let Ok(mut guard) = self.pending.lock() {
             if let Some(map) = guard.as_mut() {
-                map.remove(&self.id);
+                // A LOCK still in flight stays registered, so its grant can be given back on arrival.
+                if map.get(&self.id).is_some_and(|w| w.lock_key.is_none()) {
+                    map.remove(&self.id);
+                }
             }
         }
     }
@@ -278,7 +292,15 @@ async fn open(endpoint: &Endpoint, name: &str) -> Result<Conn> {
     let pending: Arc<Pending> = Arc::new(Mutex::new(Some(HashMap::new())));
     let (outbox, inbox) = mpsc::channel(OUTBOX_DEPTH);
     let writer_task = tokio::spawn(write_loop(writer, inbox));
-    tokio::spawn(read_loop(reader, buf, pending.clone(), writer_task));
+    // Weak, so the writer still ends (and the daemon sees the close) when the last client handle goes.
+    let give_back = outbox.downgrade();
+    tokio::spawn(read_loop(
+        reader,
+        buf,
+        pending.clone(),
+        writer_task,
+        give_back,
+    ));
     Ok(Conn { outbox, pending })
 }
 
@@ -306,15 +328,34 @@ async fn read_loop(
     mut buf: BytesMut,
     pending: Arc<Pending>,
     writer_task: tokio::task::JoinHandle<()>,
+    give_back: mpsc::WeakSender<Vec<u8>>,
 ) {
     while let Ok(Some(response)) = read_response(&mut reader, &mut buf).await {
         let waiter = pending
             .lock()
             .ok()
             .and_then(|mut p| p.as_mut()?.remove(&response.id));
-        if let Some(tx) = waiter {
-            // A caller that gave up has dropped its receiver; its answer has nowhere to go.
-            let _ = tx.send(response);
+        let Some(Waiter { tx, lock_key }) = waiter else {
+            continue;
+        };
+        // A caller that gave up has dropped its receiver; its answer has nowhere to go, except a
+        // lock grant, which goes back to the daemon so the next waiter gets the lock.
+        if let Err(response) = tx.send(response) {
+            if let (Some(key), Some(token)) = (lock_key, grant_token(&response)) {
+                if let Some(outbox) = give_back.upgrade() {
+                    let unlock = Request {
+                        args: Args {
+                            key: Some(key),
+                            token: Some(token),
+                            ..Args::default()
+                        },
+                        ..Request::new(0, CommandName::Unlock)
+                    };
+                    let mut frame = Vec::new();
+                    push_frame(&mut frame, &unlock.to_msgpack());
+                    let _ = outbox.try_send(frame);
+                }
+            }
         }
     }
     // Dropping the senders wakes every waiting caller with ConnectionLost.
@@ -322,6 +363,15 @@ async fn read_loop(
         *p = None;
     }
     writer_task.abort();
+}
+
+/// The owner token in a LOCK grant, if the response is one.
+fn grant_token(response: &Response) -> Option<String> {
+    response.ok.as_map()?.iter().find_map(|(k, v)| {
+        (k.as_str() == Some("token"))
+            .then(|| v.as_str().map(str::to_string))
+            .flatten()
+    })
 }
 
 /// Writes queued frames, batching whatever is already queued into one write.

@@ -5,6 +5,7 @@
 //!   with the daemon; `proto-spec.md` describes the same thing byte for byte.
 //! - [`frame`]: the 4-byte length prefix that delimits frames.
 //! - [`Client`]: one connection carrying any number of concurrent callers, reconnecting on failure.
+//! - [`LockGuard`]: a session lock, released on drop, carrying its fencing token.
 //! - [`Error`]: one variant per protocol error code, plus local failures.
 //!
 //! ```no_run
@@ -20,8 +21,10 @@
 mod client;
 mod error;
 pub mod frame;
+mod lock;
 pub mod proto;
 
 pub use client::{Client, Endpoint};
 pub use error::{Error, Result};
+pub use lock::{LockGuard, LockOptions, LockStatus};
 pub use proto::{ErrorCode, MAX_FRAME_LEN, MAX_KEY_LEN, MAX_VALUE_LEN, PROTOCOL_VERSION};

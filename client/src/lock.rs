@@ -1,0 +1,237 @@
+//! Session locks from the client's side: a guard that releases on drop and carries the fencing token.
+
+use std::time::Duration;
+
+use crate::client::Client;
+use crate::error::{Error, Result};
+use crate::proto::{Args, CommandName, Fence};
+
+/// How to take a lock. The defaults are the daemon's: LOCK_TIMEOUT for the lease, and
+/// LOCK_RETRY_DELAY × LOCK_MAX_RETRIES for the wait.
+#[derive(Clone, Debug, Default)]
+pub struct LockOptions {
+    /// The lease; the lock is released when it runs out, unless renewed.
+    pub ttl: Option<Duration>,
+    /// How long to wait in the queue before failing with [`Error::LockTimeout`].
+    pub wait: Option<Duration>,
+    /// Keep the lease alive for as long as this client's connection is open.
+    pub auto_renew: bool,
+}
+
+/// What UNLOCK and EXTEND report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockStatus {
+    /// Done.
+    Ok,
+    /// Nobody holds the lock.
+    NotLocked,
+    /// Another owner holds it.
+    NotOwner,
+    /// The lease ran out; the lock may already be someone else's.
+    Expired,
+}
+
+impl LockStatus {
+    fn parse(value: &rmpv::Value) -> Result<LockStatus> {
+        let status = field(value, "status").and_then(rmpv::Value::as_str);
+        Ok(match status {
+            Some("OK") => LockStatus::Ok,
+            Some("NOT_LOCKED") => LockStatus::NotLocked,
+            Some("NOT_OWNER") => LockStatus::NotOwner,
+            Some("EXPIRED") => LockStatus::Expired,
+            _ => {
+                return Err(Error::Protocol(format!(
+                    "unexpected lock status in {value}"
+                )))
+            }
+        })
+    }
+}
+
+fn field<'a>(value: &'a rmpv::Value, name: &str) -> Option<&'a rmpv::Value> {
+    value
+        .as_map()?
+        .iter()
+        .find(|(k, _)| k.as_str() == Some(name))
+        .map(|(_, v)| v)
+}
+
+/// A held lock. Dropping it releases the lock in the background (inside a tokio runtime); call
+/// [`LockGuard::unlock`] to release it and see the status.
+pub struct LockGuard {
+    client: Client,
+    key: String,
+    token: String,
+    fence: u64,
+    ttl: Duration,
+    /// Set once released, so drop does not release twice.
+    released: bool,
+}
+
+impl LockGuard {
+    /// The lock's key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The owner token the daemon issued.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// The fencing token: greater than every earlier grant's on this key. Pass it to the storage you
+    /// write under this lock, so a write from a holder whose lease ran out is refused.
+    pub fn fence(&self) -> u64 {
+        self.fence
+    }
+
+    /// The fence to attach to SET and DEL on the daemon's own cache.
+    pub fn write_fence(&self) -> Fence {
+        Fence {
+            lock: self.key.clone(),
+            token: self.fence,
+        }
+    }
+
+    /// The lease granted.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Renews the lease to `ttl` from now.
+    pub async fn extend(&self, ttl: Duration) -> Result<LockStatus> {
+        self.client.extend(&self.key, &self.token, ttl).await
+    }
+
+    /// Releases the lock and reports what the daemon found.
+    pub async fn unlock(mut self) -> Result<LockStatus> {
+        self.released = true;
+        self.client.unlock(&self.key, &self.token).await
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        // Without a runtime the lock is freed when the connection closes or the lease ends.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let client = self.client.clone();
+            let (key, token) = (
+                std::mem::take(&mut self.key),
+                std::mem::take(&mut self.token),
+            );
+            runtime.spawn(async move {
+                let _ = client.unlock(&key, &token).await;
+            });
+        }
+    }
+}
+
+impl Client {
+    /// Takes `key`, waiting in FIFO order up to the wait timeout ([`Error::LockTimeout`]).
+    pub async fn lock(&self, key: &str, options: LockOptions) -> Result<LockGuard> {
+        self.acquire(key, options, false).await
+    }
+
+    /// Takes `key` only if it is free now; otherwise fails with [`Error::Locked`].
+    pub async fn try_lock(&self, key: &str, options: LockOptions) -> Result<LockGuard> {
+        self.acquire(key, options, true).await
+    }
+
+    /// Runs `work` holding `key`, giving it the write fence, and releases the lock after.
+    pub async fn with_lock<F, Fut, T>(&self, key: &str, options: LockOptions, work: F) -> Result<T>
+    where
+        F: FnOnce(Fence) -> Fut,
+        Fut: std::future::Future<Output = T>,
+    {
+        let guard = self.lock(key, options).await?;
+        let out = work(guard.write_fence()).await;
+        guard.unlock().await?;
+        Ok(out)
+    }
+
+    /// Releases `key` held with owner `token`.
+    pub async fn unlock(&self, key: &str, token: &str) -> Result<LockStatus> {
+        let args = Args {
+            key: Some(key.into()),
+            token: Some(token.into()),
+            ..Args::default()
+        };
+        LockStatus::parse(&self.call(CommandName::Unlock, args).await?)
+    }
+
+    /// Renews the lease of `key` held with owner `token` to `ttl` from now.
+    pub async fn extend(&self, key: &str, token: &str, ttl: Duration) -> Result<LockStatus> {
+        let args = Args {
+            key: Some(key.into()),
+            token: Some(token.into()),
+            ttl_ms: Some(ttl.as_millis() as u64),
+            ..Args::default()
+        };
+        LockStatus::parse(&self.call(CommandName::Extend, args).await?)
+    }
+
+    /// SET, refused with [`Error::Fenced`] unless `fence` is still the newest grant on its lock.
+    pub async fn set_fenced(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+        fence: &Fence,
+    ) -> Result<()> {
+        let args = Args {
+            key: Some(key.to_string()),
+            value: Some(value.to_vec()),
+            ttl_ms: ttl.map(|t| t.as_millis() as u64),
+            fence: Some(fence.clone()),
+            ..Args::default()
+        };
+        self.call(CommandName::Set, args).await.map(drop)
+    }
+
+    /// DEL, refused with [`Error::Fenced`] unless `fence` is still the newest grant on its lock.
+    pub async fn del_fenced(&self, key: &str, fence: &Fence) -> Result<bool> {
+        let args = Args {
+            key: Some(key.to_string()),
+            fence: Some(fence.clone()),
+            ..Args::default()
+        };
+        match self.call(CommandName::Del, args).await? {
+            rmpv::Value::Boolean(b) => Ok(b),
+            other => Err(Error::Protocol(format!("DEL answered {other}"))),
+        }
+    }
+
+    /// The LOCKS listing: one map per held lock.
+    pub async fn locks(&self) -> Result<rmpv::Value> {
+        self.call(CommandName::Locks, Args::default()).await
+    }
+
+    async fn acquire(&self, key: &str, options: LockOptions, try_only: bool) -> Result<LockGuard> {
+        let args = Args {
+            key: Some(key.to_string()),
+            ttl_ms: options.ttl.map(|t| t.as_millis() as u64),
+            wait_ms: options.wait.map(|t| t.as_millis() as u64),
+            try_only: try_only.then_some(true),
+            auto_renew: options.auto_renew.then_some(true),
+            ..Args::default()
+        };
+        let grant = self.call(CommandName::Lock, args).await?;
+        let token = field(&grant, "token").and_then(rmpv::Value::as_str);
+        let fence = field(&grant, "fence").and_then(rmpv::Value::as_u64);
+        let ttl_ms = field(&grant, "ttl_ms").and_then(rmpv::Value::as_u64);
+        match (token, fence, ttl_ms) {
+            (Some(token), Some(fence), Some(ttl_ms)) => Ok(LockGuard {
+                client: self.clone(),
+                key: key.to_string(),
+                token: token.to_string(),
+                fence,
+                ttl: Duration::from_millis(ttl_ms),
+                released: false,
+            }),
+            _ => Err(Error::Protocol(format!("LOCK answered {grant}"))),
+        }
+    }
+}
