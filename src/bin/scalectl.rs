@@ -1,6 +1,7 @@
 //! `scalectl`: talk to a running `scaled` from a shell or a script.
 //!
-//! Exit status: 0 on success; 1 when `get` finds no value; 2 on any error (message on stderr).
+//! Exit status: 0 on success; 1 when `get` finds no value; 2 on any error (message on stderr);
+//! `lock` exits with its command's status, or 75 when the lock could not be had.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -11,10 +12,13 @@ use clap::{Parser, Subcommand};
 use rmpv::Value;
 
 use scaled::config::DEFAULT_SOCKET;
-use scaled_client::{Client, Endpoint};
+use scaled_client::{Client, Endpoint, Error, LockOptions};
 
 /// Exit status for an error of any kind.
 const EXIT_ERROR: u8 = 2;
+
+/// Exit status of `lock` when the lock was not had in time (EX_TEMPFAIL, as flock(1) scripts expect).
+const EXIT_NOT_LOCKED: u8 = 75;
 
 /// Talk to a running scaled daemon.
 #[derive(Parser, Debug)]
@@ -68,6 +72,28 @@ enum Cmd {
         /// The key.
         key: String,
     },
+    /// Hold lock KEY while COMMAND runs (the lease renews itself meanwhile), then release it. Exits
+    /// with COMMAND's status, or 75 if the lock was not had within --wait. COMMAND sees the grant in
+    /// SCALED_LOCK_KEY, SCALED_LOCK_TOKEN and SCALED_LOCK_FENCE.
+    Lock {
+        /// The lock key.
+        key: String,
+        /// Seconds to wait for the lock; 0 = try once. Default: the daemon's default wait.
+        #[arg(long)]
+        wait: Option<f64>,
+        /// Lease in seconds, renewed while COMMAND runs. Default: the daemon's LOCK_TIMEOUT.
+        #[arg(long)]
+        ttl: Option<f64>,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// List the locks held, with owner, age, lease left and waiters.
+    Locks {
+        /// Print the listing as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -110,6 +136,13 @@ async fn run(cli: Cli) -> ExitCode {
         Cmd::Get { key } => get(&client, &key).await,
         Cmd::Set { key, value, ttl } => set(&client, &key, &value, ttl).await,
         Cmd::Del { key } => del(&client, &key).await,
+        Cmd::Lock {
+            key,
+            wait,
+            ttl,
+            command,
+        } => lock(&client, &key, wait, ttl, &command).await,
+        Cmd::Locks { json } => locks(&client, json).await,
     };
     result.unwrap_or_else(fail)
 }
@@ -165,6 +198,105 @@ async fn set(client: &Client, key: &str, value: &str, ttl: Option<f64>) -> CmdRe
 async fn del(client: &Client, key: &str) -> CmdResult {
     let existed = client.del(key).await.map_err(|e| e.to_string())?;
     println!("{}", u8::from(existed));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn seconds(flag: &str, secs: Option<f64>) -> Result<Option<Duration>, String> {
+    match secs {
+        Some(s) if !s.is_finite() || !(0.0..=86_400.0).contains(&s) => Err(format!(
+            "{flag} {s} is not a number of seconds from 0 to 86400"
+        )),
+        Some(s) => Ok(Some(Duration::from_secs_f64(s))),
+        None => Ok(None),
+    }
+}
+
+async fn lock(
+    client: &Client,
+    key: &str,
+    wait: Option<f64>,
+    ttl: Option<f64>,
+    command: &[String],
+) -> CmdResult {
+    let wait = seconds("--wait", wait)?;
+    let options = LockOptions {
+        ttl: seconds("--ttl", ttl)?,
+        wait,
+        auto_renew: true,
+    };
+    let taken = if wait == Some(Duration::ZERO) {
+        client.try_lock(key, options).await
+    } else {
+        client.lock(key, options).await
+    };
+    let guard = match taken {
+        Ok(guard) => guard,
+        Err(e @ (Error::Locked(_) | Error::LockTimeout(_))) => {
+            eprintln!("scalectl: {e}");
+            return Ok(ExitCode::from(EXIT_NOT_LOCKED));
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let (program, args) = command.split_first().ok_or("no command given")?;
+    let spawned = tokio::process::Command::new(program)
+        .args(args)
+        .env("SCALED_LOCK_KEY", key)
+        .env("SCALED_LOCK_TOKEN", guard.token())
+        .env("SCALED_LOCK_FENCE", guard.fence().to_string())
+        .spawn();
+    let status = match spawned {
+        Ok(mut child) => child
+            .wait()
+            .await
+            .map_err(|e| format!("waiting for {program}: {e}")),
+        Err(e) => Err(format!("cannot run {program}: {e}")),
+    };
+    // Release before reporting, so the next holder is not kept waiting on our exit.
+    let released = guard.unlock().await;
+    let status = status?;
+    if let Ok(s) = released {
+        if s != scaled_client::LockStatus::Ok {
+            eprintln!("scalectl: lock {key} was no longer held at release: {s:?}");
+        }
+    }
+    use std::os::unix::process::ExitStatusExt;
+    let code = status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(EXIT_ERROR)))
+}
+
+async fn locks(client: &Client, json: bool) -> CmdResult {
+    let listing = client.locks().await.map_err(|e| e.to_string())?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&listing).map_err(|e| e.to_string())?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<32} {:<24} {:>10} {:>10} {:>10} {:>8}",
+        "KEY", "OWNER", "FENCE", "AGE", "TTL LEFT", "WAITERS"
+    );
+    for row in listing.as_array().map(Vec::as_slice).unwrap_or_default() {
+        let text = |k: &str| {
+            at(row, &[k])
+                .and_then(Value::as_str)
+                .unwrap_or("?")
+                .to_string()
+        };
+        let secs = |k: &str| format!("{:.1}s", num(row, &[k]) / 1000.0);
+        println!(
+            "{:<32} {:<24} {:>10} {:>10} {:>10} {:>8}",
+            text("key"),
+            text("owner"),
+            num(row, &["fence"]),
+            secs("age_ms"),
+            secs("ttl_ms"),
+            num(row, &["waiters"]),
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
