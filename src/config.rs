@@ -23,6 +23,7 @@ pub struct Config {
 
     /// File mode of the Unix socket, in octal. 660 lets the socket's group connect.
     #[arg(long, env = "SCALED_SOCKET_MODE", default_value = "660", value_parser = parse_mode)]
+    #[serde(serialize_with = "octal")]
     pub socket_mode: u32,
 
     /// Also listen on TCP: a PORT (bound to 127.0.0.1) or HOST:PORT. Off by default.
@@ -126,6 +127,10 @@ fn parse_secs(s: &str) -> Result<f64, String> {
         return Err(format!("`{s}` is out of range: give 0 to 1e9 seconds"));
     }
     Ok(v)
+}
+
+fn octal<S: serde::Serializer>(mode: &u32, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{mode:03o}"))
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
