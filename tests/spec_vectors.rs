@@ -1,0 +1,739 @@
+mod common;
+
+// proto-spec.md, checked against the code and against a running daemon.
+//
+// The spec's hex test vectors are fenced blocks with the info string `hex name=<name>`; each line is an
+// offset, up to 16 hex bytes and an ASCII column between `|` bars. This file reads them straight out of
+// the document, so the spec cannot drift from the code without a test failing:
+//
+// - request vectors decode with `decode_request` to the expected requests, and `to_msgpack` re-encodes
+//   them to the same bytes;
+// - response vectors decode with `Response::decode` to the expected responses, and the daemon's own
+//   encoders (`write_response_head`, `write_ok_key` + `Reply::write`, `write_err`) produce the same bytes;
+// - the request vectors, sent as they are to a real daemon, get answers whose `ok`/`err` part is byte
+//   for byte the one in the matching response vector;
+// - the error table lists every `ErrorCode`, in order, and every command has a heading.
+
+use bytes::{Bytes, BytesMut};
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use scaled::cmd::Reply;
+use scaled_client::frame::{begin_frame, finish_frame, push_frame, take_frame, LEN_PREFIX};
+use scaled_client::proto::{
+    decode_request, write_err, write_ok_key, write_response_head, Args, CommandName, ErrorCode,
+    Request, Response, WireError, MAX_FRAME_LEN, MAX_KEY_LEN, MAX_PING_DELAY_MS, MAX_VALUE_LEN,
+    PROTOCOL_VERSION,
+};
+
+use common::{RawConn, TestDaemon, STARTUP_LIMIT};
+
+const SPEC: &str = include_str!("../proto-spec.md");
+
+/// The binary value of the SET and GET vectors.
+const VALUE: &[u8] = &[0x00, 0x01, 0x02, 0xfe, 0xff];
+
+/// The key of the SET, GET and DEL vectors.
+const KEY: &str = "session:abc";
+
+/// The fixed request_id of response vector `n`.
+fn fixed_request_id(n: u64) -> String {
+    format!("00000000-0000-4000-8000-{n:012}")
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Reading the document
+
+/// Every `hex name=...` block of the spec, in document order. Panics, naming the line, on anything that
+/// does not follow the format, so a typo in the spec is a clear failure rather than a missing vector.
+fn parse_vectors(spec: &str) -> Vec<(String, Vec<u8>)> {
+    let mut vectors: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut lines = spec.lines().enumerate();
+    while let Some((n, line)) = lines.next() {
+        let Some(info) = line.trim_end().strip_prefix("```hex") else {
+            continue;
+        };
+        let name = info
+            .trim()
+            .strip_prefix("name=")
+            .unwrap_or_else(|| panic!("line {}: a hex block needs `name=<name>`", n + 1))
+            .to_string();
+        assert!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+            "line {}: vector name `{name}` must be lower-case letters, digits and hyphens",
+            n + 1
+        );
+        assert!(
+            !vectors.iter().any(|(other, _)| *other == name),
+            "line {}: vector `{name}` appears twice",
+            n + 1
+        );
+        let mut bytes = Vec::new();
+        loop {
+            let (m, line) = lines
+                .next()
+                .unwrap_or_else(|| panic!("vector `{name}`: block is never closed"));
+            let at = m + 1;
+            if line.trim() == "```" {
+                break;
+            }
+            let (hex, ascii) = match line.split_once('|') {
+                Some((hex, rest)) => (hex, Some(rest.strip_suffix('|').unwrap_or(rest))),
+                None => (line, None),
+            };
+            let mut tokens = hex.split_whitespace();
+            let Some(offset) = tokens.next() else {
+                continue;
+            };
+            let offset = usize::from_str_radix(offset, 16)
+                .unwrap_or_else(|_| panic!("line {at}: `{offset}` is not a hex offset"));
+            assert_eq!(
+                offset,
+                bytes.len(),
+                "line {at}: offset does not follow the bytes before it"
+            );
+            let start = bytes.len();
+            for token in tokens {
+                assert_eq!(
+                    token.len(),
+                    2,
+                    "line {at}: `{token}` is not a two-digit hex byte"
+                );
+                let byte = u8::from_str_radix(token, 16)
+                    .unwrap_or_else(|_| panic!("line {at}: `{token}` is not a hex byte"));
+                bytes.push(byte);
+            }
+            let row = &bytes[start..];
+            assert!(
+                (1..=16).contains(&row.len()),
+                "line {at}: a line holds 1 to 16 bytes"
+            );
+            if let Some(ascii) = ascii {
+                let shown: String = row
+                    .iter()
+                    .map(|&b| {
+                        if (0x20..0x7f).contains(&b) {
+                            b as char
+                        } else {
+                            '.'
+                        }
+                    })
+                    .collect();
+                assert_eq!(
+                    ascii, shown,
+                    "line {at}: the ASCII column does not match the bytes"
+                );
+            }
+        }
+        assert!(!bytes.is_empty(), "vector `{name}` is empty");
+        vectors.push((name, bytes));
+    }
+    vectors
+}
+
+fn vectors() -> Vec<(String, Vec<u8>)> {
+    parse_vectors(SPEC)
+}
+
+/// The complete frame of a named vector.
+fn frame(name: &str) -> Vec<u8> {
+    vectors()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, bytes)| bytes)
+        .unwrap_or_else(|| panic!("proto-spec.md has no vector `{name}`"))
+}
+
+/// The body of a frame, checked with the real framing code: the prefix must announce exactly the rest.
+fn body_of(name: &str, frame: &[u8]) -> Vec<u8> {
+    assert!(
+        frame.len() >= LEN_PREFIX,
+        "vector `{name}` is shorter than a length prefix"
+    );
+    let announced = u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
+    assert_eq!(
+        announced,
+        frame.len() - LEN_PREFIX,
+        "vector `{name}`: length prefix is wrong"
+    );
+    let mut buf = BytesMut::from(frame);
+    let body = take_frame(&mut buf, MAX_FRAME_LEN)
+        .expect("within the frame limit")
+        .unwrap_or_else(|| panic!("vector `{name}` is not a whole frame"));
+    assert!(buf.is_empty(), "vector `{name}` holds more than one frame");
+    body.to_vec()
+}
+
+fn body(name: &str) -> Vec<u8> {
+    body_of(name, &frame(name))
+}
+
+/// The text of the `## <title>` section, up to the next `## ` heading.
+fn section(title: &str) -> &'static str {
+    let heading = format!("\n## {title}\n");
+    let start = SPEC
+        .find(&heading)
+        .unwrap_or_else(|| panic!("proto-spec.md has no `## {title}` section"))
+        + heading.len();
+    let rest = &SPEC[start..];
+    &rest[..rest.find("\n## ").unwrap_or(rest.len())]
+}
+
+fn is_request_id(s: &str) -> bool {
+    s.len() == 36
+        && s.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_digit() || ('a'..='f').contains(&c),
+        })
+}
+
+// ---------------------------------------------------------------------------------------------------
+// What the vectors must hold
+
+fn expected_requests() -> Vec<(&'static str, Request)> {
+    let key_args = || Args {
+        key: Some(KEY.into()),
+        ..Args::default()
+    };
+    vec![
+        (
+            "hello-request",
+            Request {
+                args: Args {
+                    version: Some(PROTOCOL_VERSION),
+                    client: Some("example".into()),
+                    ..Args::default()
+                },
+                ..Request::new(1, CommandName::Hello)
+            },
+        ),
+        ("ping-request", Request::new(2, CommandName::Ping)),
+        (
+            "set-request",
+            Request {
+                args: Args {
+                    key: Some(KEY.into()),
+                    value: Some(VALUE.to_vec()),
+                    ttl_ms: Some(60_000),
+                    ..Args::default()
+                },
+                ..Request::new(3, CommandName::Set)
+            },
+        ),
+        (
+            "get-request",
+            Request {
+                args: key_args(),
+                session_id: Some("sess-7f3a".into()),
+                user_id: Some("user-42".into()),
+                ..Request::new(4, CommandName::Get)
+            },
+        ),
+        (
+            "del-request",
+            Request {
+                args: key_args(),
+                ..Request::new(5, CommandName::Del)
+            },
+        ),
+        ("get-without-key-request", Request::new(7, CommandName::Get)),
+    ]
+}
+
+/// HELLO's answer, declared and encoded the way the daemon does it.
+#[derive(Serialize)]
+struct Welcome {
+    version: u32,
+    server: &'static str,
+    max_frame: usize,
+    max_key: usize,
+    max_value: usize,
+}
+
+/// The `ok` or `err` part of an expected response.
+enum Answer {
+    /// The daemon's reply, and the value a client decodes from it.
+    Ok(Reply, rmpv::Value),
+    Err(ErrorCode, &'static str),
+}
+
+struct ExpectedResponse {
+    name: &'static str,
+    id: u64,
+    /// The n of the fixed request_id `00000000-0000-4000-8000-00000000000n`.
+    request_n: u64,
+    elapsed_us: u64,
+    answer: Answer,
+}
+
+fn expected_responses() -> Vec<ExpectedResponse> {
+    let hello = Reply::encode(&Welcome {
+        version: PROTOCOL_VERSION,
+        server: "scaled 0.1.0",
+        max_frame: MAX_FRAME_LEN,
+        max_key: MAX_KEY_LEN,
+        max_value: MAX_VALUE_LEN,
+    })
+    .expect("HELLO's answer encodes");
+    let hello_value = rmpv::Value::Map(vec![
+        ("version".into(), PROTOCOL_VERSION.into()),
+        ("server".into(), "scaled 0.1.0".into()),
+        ("max_frame".into(), (MAX_FRAME_LEN as u64).into()),
+        ("max_key".into(), (MAX_KEY_LEN as u64).into()),
+        ("max_value".into(), (MAX_VALUE_LEN as u64).into()),
+    ]);
+    let text = |s: &'static str| Answer::Ok(Reply::Text(s), s.into());
+    let response = |name, id, request_n, elapsed_us, answer| ExpectedResponse {
+        name,
+        id,
+        request_n,
+        elapsed_us,
+        answer,
+    };
+    vec![
+        response("hello-response", 1, 1, 42, Answer::Ok(hello, hello_value)),
+        response("ping-response", 2, 2, 7, text("PONG")),
+        response("set-response", 3, 3, 15, text("OK")),
+        response(
+            "get-hit-response",
+            4,
+            4,
+            9,
+            Answer::Ok(
+                Reply::Value(Bytes::from_static(VALUE)),
+                rmpv::Value::Binary(VALUE.to_vec()),
+            ),
+        ),
+        response(
+            "del-response",
+            5,
+            5,
+            11,
+            Answer::Ok(Reply::Bool(true), true.into()),
+        ),
+        response(
+            "get-miss-response",
+            6,
+            6,
+            8,
+            Answer::Ok(Reply::Nil, rmpv::Value::Nil),
+        ),
+        response(
+            "bad-argument-response",
+            7,
+            7,
+            5,
+            Answer::Err(ErrorCode::BadArgument, "missing argument `key`"),
+        ),
+        response(
+            "malformed-response",
+            0,
+            8,
+            0,
+            Answer::Err(ErrorCode::Malformed, "stream ended 3 bytes into a frame"),
+        ),
+    ]
+}
+
+/// The envelope head the daemon writes for a response, alone.
+fn head(id: u64, request_id: &str, elapsed_us: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_response_head(&mut out, id, request_id, elapsed_us);
+    out
+}
+
+/// Splits a response body into its head (`id`, `request_id`, `elapsed_us`) and the rest (`ok` or
+/// `err` and its value), checking the head is exactly what the daemon's encoder writes for it.
+fn split_response(body: &[u8]) -> (Response, Vec<u8>) {
+    let response = Response::decode(body).expect("a response envelope");
+    let head = head(response.id, &response.request_id, response.elapsed_us);
+    assert!(
+        body.starts_with(&head),
+        "the response does not start with the daemon's envelope head"
+    );
+    (response, body[head.len()..].to_vec())
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The document against the code
+
+#[test]
+fn the_spec_holds_every_expected_vector_and_each_is_one_whole_frame() {
+    let vectors = vectors();
+    let names: Vec<&str> = vectors.iter().map(|(n, _)| n.as_str()).collect();
+    for name in expected_requests()
+        .iter()
+        .map(|(n, _)| *n)
+        .chain(expected_responses().iter().map(|r| r.name))
+    {
+        assert!(
+            names.contains(&name),
+            "proto-spec.md has no vector `{name}`; it has {names:?}"
+        );
+    }
+    for (name, frame) in &vectors {
+        assert!(
+            name.ends_with("-request") || name.ends_with("-response"),
+            "vector `{name}`: names end in -request or -response"
+        );
+        let body = body_of(name, frame);
+        assert!(body.len() <= MAX_FRAME_LEN);
+    }
+}
+
+#[test]
+fn request_vectors_decode_to_the_expected_requests_and_reencode_exactly() {
+    for (name, expected) in expected_requests() {
+        let frame = frame(name);
+        let body = body_of(name, &frame);
+        assert_eq!(
+            decode_request(&body),
+            Ok(expected.clone()),
+            "vector `{name}` decodes wrongly"
+        );
+        assert_eq!(
+            expected.to_msgpack(),
+            body,
+            "vector `{name}`: to_msgpack writes other bytes"
+        );
+        let mut framed = Vec::new();
+        push_frame(&mut framed, &expected.to_msgpack());
+        assert_eq!(
+            framed, frame,
+            "vector `{name}`: push_frame writes other bytes"
+        );
+    }
+    // Any request vector, including ones added later, must round-trip.
+    for (name, frame) in vectors().iter().filter(|(n, _)| n.ends_with("-request")) {
+        let body = body_of(name, frame);
+        let request = decode_request(&body)
+            .unwrap_or_else(|(id, e)| panic!("vector `{name}` (id {id}) does not decode: {e}"));
+        assert_eq!(
+            request.to_msgpack(),
+            body,
+            "vector `{name}` does not re-encode to itself"
+        );
+    }
+}
+
+#[test]
+fn response_vectors_decode_to_the_expected_responses_and_the_daemon_encoders_write_them() {
+    for expected in expected_responses() {
+        let name = expected.name;
+        let request_id = fixed_request_id(expected.request_n);
+        let frame = frame(name);
+
+        let mut written = Vec::new();
+        let start = begin_frame(&mut written);
+        write_response_head(&mut written, expected.id, &request_id, expected.elapsed_us);
+        match &expected.answer {
+            Answer::Ok(reply, _) => {
+                write_ok_key(&mut written);
+                reply.write(&mut written);
+            }
+            Answer::Err(code, message) => write_err(&mut written, *code, message),
+        }
+        finish_frame(&mut written, start);
+        assert_eq!(
+            written, frame,
+            "vector `{name}`: the daemon's encoders write other bytes"
+        );
+
+        let decoded = Response::decode(&body_of(name, &frame))
+            .unwrap_or_else(|e| panic!("vector `{name}` does not decode: {e}"));
+        let (ok, err) = match expected.answer {
+            Answer::Ok(_, value) => (value, None),
+            Answer::Err(code, message) => (
+                rmpv::Value::Nil,
+                Some(WireError {
+                    code: code.as_str().into(),
+                    message: message.into(),
+                }),
+            ),
+        };
+        let want = Response {
+            id: expected.id,
+            request_id,
+            elapsed_us: expected.elapsed_us,
+            ok,
+            err,
+        };
+        assert_eq!(decoded, want, "vector `{name}` decodes wrongly");
+    }
+}
+
+#[test]
+fn every_response_vector_is_the_four_member_envelope_in_order() {
+    for (name, frame) in vectors().iter().filter(|(n, _)| n.ends_with("-response")) {
+        let body = body_of(name, frame);
+        let value = rmpv::decode::read_value(&mut &body[..])
+            .unwrap_or_else(|e| panic!("vector `{name}` is not MessagePack: {e}"));
+        let rmpv::Value::Map(members) = value else {
+            panic!("vector `{name}` is not a map");
+        };
+        let keys: Vec<&str> = members
+            .iter()
+            .map(|(k, _)| k.as_str().expect("str keys"))
+            .collect();
+        assert_eq!(keys.len(), 4, "vector `{name}`: {keys:?}");
+        assert_eq!(
+            keys[..3],
+            ["id", "request_id", "elapsed_us"],
+            "vector `{name}`"
+        );
+        assert!(
+            keys[3] == "ok" || keys[3] == "err",
+            "vector `{name}`: {keys:?}"
+        );
+
+        // Re-encoding what was decoded, in the smallest forms, gives the same bytes.
+        let (response, rest) = split_response(&body);
+        assert!(
+            is_request_id(&response.request_id),
+            "vector `{name}`: {}",
+            response.request_id
+        );
+        let mut tail = Vec::new();
+        match &response.err {
+            Some(err) => {
+                let code = ErrorCode::parse(&err.code)
+                    .unwrap_or_else(|| panic!("vector `{name}`: unknown code {}", err.code));
+                write_err(&mut tail, code, &err.message);
+            }
+            None => {
+                write_ok_key(&mut tail);
+                rmpv::encode::write_value(&mut tail, &response.ok).expect("write to a Vec");
+            }
+        }
+        assert_eq!(
+            tail, rest,
+            "vector `{name}` is not in the smallest encoding"
+        );
+    }
+}
+
+#[test]
+fn the_error_table_lists_every_error_code_in_order() {
+    let listed: Vec<&str> = section("Error codes")
+        .lines()
+        .filter_map(|line| line.strip_prefix("| `"))
+        .filter_map(|rest| rest.split_once('`').map(|(code, _)| code))
+        .collect();
+    let all: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+    assert_eq!(
+        listed, all,
+        "the error table of proto-spec.md and ErrorCode::ALL differ"
+    );
+}
+
+#[test]
+fn every_command_has_a_heading() {
+    let headings: Vec<Vec<&str>> = SPEC
+        .lines()
+        .filter(|line| line.starts_with('#'))
+        .map(|line| {
+            line.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .collect()
+        })
+        .collect();
+    for cmd in CommandName::ALL {
+        let name = cmd.as_str();
+        assert!(
+            headings.iter().any(|words| words.contains(&name)),
+            "proto-spec.md has no heading naming {name}"
+        );
+        assert!(
+            SPEC.contains(&format!("`{name}`")),
+            "proto-spec.md never writes `{name}`"
+        );
+    }
+    assert!(
+        SPEC.contains("\n## Session locks\n"),
+        "proto-spec.md lost its `## Session locks` section"
+    );
+}
+
+#[test]
+fn the_limits_table_states_the_limits_of_the_code() {
+    let limits = section("Limits");
+    for (what, value) in [
+        ("frame body", MAX_FRAME_LEN as u64),
+        ("key", MAX_KEY_LEN as u64),
+        ("value", MAX_VALUE_LEN as u64),
+        ("PING delay", MAX_PING_DELAY_MS),
+    ] {
+        assert!(
+            limits.contains(&value.to_string()),
+            "the limits table does not give the {what} limit {value}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The vectors against a running daemon
+
+/// The next frame body from the daemon, or `None` when it closed the connection.
+async fn next_frame(conn: &mut RawConn, buf: &mut BytesMut) -> Option<Vec<u8>> {
+    tokio::time::timeout(STARTUP_LIMIT, async {
+        loop {
+            if let Some(body) = take_frame(buf, MAX_FRAME_LEN).expect("a frame within the limit") {
+                return Some(body.to_vec());
+            }
+            if conn.stream.read_buf(buf).await.expect("read") == 0 {
+                assert!(buf.is_empty(), "the daemon's stream ended inside a frame");
+                return None;
+            }
+        }
+    })
+    .await
+    .expect("no answer from scaled within 20 s")
+}
+
+/// Checks a live answer against a response vector: same id as the request, a well-formed request_id,
+/// and the same `ok`/`err` bytes. HELLO's `server` names the daemon's version, so it is compared by
+/// meaning, with `server` left out.
+fn assert_answers_like(live: &[u8], request_id: u64, vector: &str) {
+    let (live, live_rest) = split_response(live);
+    let (want, want_rest) = split_response(&body(vector));
+    assert_eq!(
+        live.id, request_id,
+        "answer for `{vector}` carries another id"
+    );
+    assert!(
+        is_request_id(&live.request_id),
+        "request_id `{}` is not a UUID",
+        live.request_id
+    );
+    if vector == "hello-response" {
+        let without_server = |v: &rmpv::Value| -> Vec<(rmpv::Value, rmpv::Value)> {
+            let map = v.as_map().expect("HELLO answers a map");
+            map.iter()
+                .filter(|(k, _)| k.as_str() != Some("server"))
+                .cloned()
+                .collect()
+        };
+        assert!(live.err.is_none(), "HELLO failed: {:?}", live.err);
+        assert_eq!(without_server(&live.ok), without_server(&want.ok));
+        let server = live
+            .ok
+            .as_map()
+            .unwrap()
+            .iter()
+            .find(|(k, _)| k.as_str() == Some("server"));
+        assert!(
+            server
+                .and_then(|(_, v)| v.as_str())
+                .is_some_and(|s| s.starts_with("scaled ")),
+            "HELLO's server: {server:?}"
+        );
+    } else {
+        assert_eq!(
+            live_rest, want_rest,
+            "the daemon's answer differs from `{vector}`: {:?} {:?}",
+            live.ok, live.err
+        );
+    }
+}
+
+fn request_id_of(vector: &str) -> u64 {
+    decode_request(&body(vector)).expect("a request vector").id
+}
+
+#[tokio::test]
+async fn request_vectors_sent_to_a_daemon_get_the_answers_of_the_response_vectors() {
+    let daemon = TestDaemon::start(&[]);
+    let mut conn = daemon.raw_without_hello().await;
+    let mut buf = BytesMut::new();
+
+    // Before HELLO, anything else is refused, and the connection stays usable.
+    conn.send_bytes(&frame("ping-request")).await;
+    let refused = Response::decode(&next_frame(&mut conn, &mut buf).await.expect("an answer"))
+        .expect("a response");
+    assert_eq!(refused.id, 2);
+    assert_eq!(
+        refused.err.map(|e| e.code),
+        Some("HELLO_REQUIRED".to_string())
+    );
+
+    // The story of the vectors, pipelined in one write. Every answer is ready at once, so they come
+    // back in request order.
+    let story = [
+        ("hello-request", "hello-response"),
+        ("ping-request", "ping-response"),
+        ("set-request", "set-response"),
+        ("get-request", "get-hit-response"),
+        ("del-request", "del-response"),
+        ("get-request", "get-miss-response"),
+        ("get-without-key-request", "bad-argument-response"),
+    ];
+    let mut all = Vec::new();
+    for (request, _) in story {
+        all.extend_from_slice(&frame(request));
+    }
+    conn.send_bytes(&all).await;
+    for (request, response) in story {
+        let live = next_frame(&mut conn, &mut buf).await.expect("an answer");
+        assert_answers_like(&live, request_id_of(request), response);
+    }
+}
+
+#[tokio::test]
+async fn a_stream_ending_inside_a_frame_gets_the_malformed_vector_then_closes() {
+    let daemon = TestDaemon::start(&[]);
+    let mut conn = daemon.raw_without_hello().await;
+    let mut buf = BytesMut::new();
+    conn.send_bytes(&frame("hello-request")[..3]).await;
+    conn.stream
+        .shutdown()
+        .await
+        .expect("shut down the write side");
+    let live = next_frame(&mut conn, &mut buf).await.expect("an answer");
+    let (response, _) = split_response(&live);
+    assert_eq!(response.elapsed_us, 0);
+    assert_answers_like(&live, 0, "malformed-response");
+    assert!(
+        next_frame(&mut conn, &mut buf).await.is_none(),
+        "the connection stays open"
+    );
+}
+
+#[tokio::test]
+async fn framing_limits_behave_as_specified() {
+    let daemon = TestDaemon::start(&[]);
+    let mut conn = daemon.raw_without_hello().await;
+    let mut buf = BytesMut::new();
+    let code_of = |body: &[u8]| {
+        let response = Response::decode(body).expect("a response");
+        (response.id, response.err.map(|e| e.code))
+    };
+
+    // A zero-length frame is MALFORMED with id 0, and the connection stays open.
+    conn.send_bytes(&[0, 0, 0, 0]).await;
+    let answer = next_frame(&mut conn, &mut buf).await.expect("an answer");
+    assert_eq!(code_of(&answer), (0, Some("MALFORMED".to_string())));
+
+    // A body of exactly the limit is read (it is not a request, so MALFORMED), and the connection stays
+    // open.
+    let mut largest = Vec::new();
+    push_frame(&mut largest, &vec![0u8; MAX_FRAME_LEN]);
+    conn.send_bytes(&largest).await;
+    let answer = next_frame(&mut conn, &mut buf).await.expect("an answer");
+    assert_eq!(code_of(&answer), (0, Some("MALFORMED".to_string())));
+
+    conn.send_bytes(&frame("hello-request")).await;
+    let answer = next_frame(&mut conn, &mut buf).await.expect("an answer");
+    assert_answers_like(&answer, 1, "hello-response");
+
+    // One byte over the limit: FRAME_TOO_LARGE with id 0, then the daemon closes.
+    conn.send_bytes(&(MAX_FRAME_LEN as u32 + 1).to_be_bytes())
+        .await;
+    let answer = next_frame(&mut conn, &mut buf).await.expect("an answer");
+    assert_eq!(code_of(&answer), (0, Some("FRAME_TOO_LARGE".to_string())));
+    assert!(
+        next_frame(&mut conn, &mut buf).await.is_none(),
+        "the connection stays open"
+    );
+}
