@@ -49,7 +49,7 @@ pub struct MeterSnapshot {
     pub overall: PerfStats,
     /// Requests since the daemon started.
     pub lifetime_requests: u64,
-    /// Seconds the window covers now: 60, or the uptime while that is shorter.
+    /// Seconds the window covers now: 60, or the uptime while that is shorter (but at least 1).
     pub window_seconds: f64,
     /// The same figures per command, for the commands seen in the window.
     pub commands: std::collections::BTreeMap<&'static str, PerfStats>,

@@ -25,6 +25,10 @@ pub enum Endpoint {
     Tcp(String),
 }
 
+/// The id of HELLO on a new connection. HELLO is answered before any other request is sent, so it
+/// cannot collide; 0 is left to the daemon's connection-level errors.
+const HELLO_ID: u64 = 1;
+
 /// How many encoded requests may queue for the writer before callers wait.
 const OUTBOX_DEPTH: usize = 4096;
 
@@ -276,7 +280,7 @@ async fn open(endpoint: &Endpoint, name: &str) -> Result<Conn> {
             client: Some(name.to_string()),
             ..Args::default()
         },
-        ..Request::new(0, CommandName::Hello)
+        ..Request::new(HELLO_ID, CommandName::Hello)
     };
     let mut frame = Vec::new();
     push_frame(&mut frame, &hello.to_msgpack());
