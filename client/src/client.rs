@@ -198,8 +198,16 @@ impl Client {
             .then(|| request.args.key.clone())
             .flatten();
         let _registered = Registration::new(&conn.pending, id, Waiter { tx, lock_key })?;
-        let mut frame = Vec::new();
-        push_frame(&mut frame, &request.to_msgpack());
+        let body = request.to_msgpack();
+        if body.len() > MAX_FRAME_LEN {
+            // The daemon would close the connection on it, failing every other caller sharing it.
+            return Err(Error::FrameTooLarge(format!(
+                "request of {} bytes is over the {MAX_FRAME_LEN} byte frame limit",
+                body.len()
+            )));
+        }
+        let mut frame = Vec::with_capacity(body.len() + 4);
+        push_frame(&mut frame, &body);
         conn.outbox
             .send(frame)
             .await
@@ -353,7 +361,7 @@ async fn read_loop(
                             token: Some(token),
                             ..Args::default()
                         },
-                        ..Request::new(0, CommandName::Unlock)
+                        ..Request::new(u64::MAX, CommandName::Unlock)
                     };
                     let mut frame = Vec::new();
                     push_frame(&mut frame, &unlock.to_msgpack());
