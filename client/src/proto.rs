@@ -172,7 +172,11 @@ pub struct Request {
     /// Which command to run.
     pub cmd: CommandName,
     /// The command's arguments; may be omitted when empty.
-    #[serde(default, skip_serializing_if = "Args::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "map_only",
+        skip_serializing_if = "Args::is_empty"
+    )]
     pub args: Args,
     /// The app's session this request belongs to, carried into the daemon's logs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -212,19 +216,35 @@ struct IdOnly {
 pub fn decode_request(body: &[u8]) -> Result<Request, (u64, String)> {
     let mut rest = body;
     let mut de = rmp_serde::Deserializer::new(&mut rest);
-    match Request::deserialize(&mut de) {
+    match map_only::<_, Request>(&mut de) {
         Ok(req) if rest.is_empty() => Ok(req),
         Ok(req) => Err((
             req.id,
             format!("{} bytes after the request map", rest.len()),
         )),
         Err(e) => {
-            let id = rmp_serde::from_slice::<IdOnly>(body)
+            let id = map_only::<_, IdOnly>(&mut rmp_serde::Deserializer::new(body))
                 .map(|i| i.id)
                 .unwrap_or(0);
             Err((id, format!("not a request envelope: {e}")))
         }
     }
+}
+
+/// Reads a `T` only from a MessagePack map. Left to itself rmp_serde also reads a struct from an array
+/// of its fields in declaration order, which the protocol does not allow: "not a map" is MALFORMED.
+fn map_only<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(de: D) -> Result<T, D::Error> {
+    struct MapOnly<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for MapOnly<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a map")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+            T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+        }
+    }
+    de.deserialize_map(MapOnly(std::marker::PhantomData))
 }
 
 /// The closed list of error codes a response may carry. On the wire each is its upper-case name.
