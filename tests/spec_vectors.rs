@@ -11,19 +11,23 @@ mod common;
 // - response vectors decode with `Response::decode` to the expected responses, and the daemon's own
 //   encoders (`write_response_head`, `write_ok_key` + `Reply::write`, `write_err`) produce the same bytes;
 // - the request vectors, sent as they are to a real daemon, get answers whose `ok`/`err` part is byte
-//   for byte the one in the matching response vector;
-// - the error table lists every `ErrorCode`, in order, and every command has a heading.
+//   for byte the one in the matching response vector; the lock vectors are replayed the same way, with
+//   the owner token the daemon really granted put in place of the vector's;
+// - the error table lists every `ErrorCode`, in order, and every command has a heading;
+// - the answer tables of LOCK, LOCKS, UNLOCK and the STATS `locks` rows list exactly the members the
+//   daemon's types serialize, in order, and every `#anchor` link names a heading.
 
 use bytes::{Bytes, BytesMut};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use scaled::cmd::Reply;
+use scaled::locks::{Fenced, Grant, LockInfo, LockStats, Status, FENCE_RETENTION};
 use scaled_client::frame::{begin_frame, finish_frame, push_frame, take_frame, LEN_PREFIX};
 use scaled_client::proto::{
     decode_request, write_err, write_ok_key, write_response_head, Args, CommandName, ErrorCode,
-    Request, Response, WireError, MAX_FRAME_LEN, MAX_KEY_LEN, MAX_PING_DELAY_MS, MAX_VALUE_LEN,
-    PROTOCOL_VERSION,
+    Fence, Request, Response, WireError, MAX_FRAME_LEN, MAX_KEY_LEN, MAX_PING_DELAY_MS,
+    MAX_VALUE_LEN, PROTOCOL_VERSION,
 };
 
 use common::{RawConn, TestDaemon, STARTUP_LIMIT};
@@ -35,6 +39,18 @@ const VALUE: &[u8] = &[0x00, 0x01, 0x02, 0xfe, 0xff];
 
 /// The key of the SET, GET and DEL vectors.
 const KEY: &str = "session:abc";
+
+/// The lock key of the lock vectors.
+const LOCK_KEY: &str = "session:42";
+
+/// The owner token the lock vectors show where a live daemon answers a random one.
+const OWNER_TOKEN: &str = "5f0c8a1e-2b7d-4c39-a6e4-1d9b3f7c2e80";
+
+/// The value of the fenced SET vector.
+const FENCED_VALUE: &[u8] = b"cart:3";
+
+/// The longest lease or wait a LOCK may ask for, in milliseconds: one day.
+const MAX_LOCK_MS: u64 = 86_400_000;
 
 /// The fixed request_id of response vector `n`.
 fn fixed_request_id(n: u64) -> String {
@@ -182,6 +198,56 @@ fn section(title: &str) -> &'static str {
     &rest[..rest.find("\n## ").unwrap_or(rest.len())]
 }
 
+/// The text under the heading line `heading` (such as `### LOCK`), up to the next heading.
+fn subsection(heading: &str) -> &'static str {
+    let marker = format!("\n{heading}\n");
+    let start = SPEC
+        .find(&marker)
+        .unwrap_or_else(|| panic!("proto-spec.md has no `{heading}` heading"))
+        + marker.len();
+    let rest = &SPEC[start..];
+    &rest[..rest.find("\n#").unwrap_or(rest.len())]
+}
+
+/// The names in the first column of the table whose header row starts `| <header> |`, in order.
+fn table_names(text: &str, header: &str) -> Vec<String> {
+    let head = format!("| {header} |");
+    let mut lines = text.lines().skip_while(|line| !line.starts_with(&head));
+    assert!(lines.next().is_some(), "no table headed `{head}`");
+    lines
+        .skip(1)
+        .take_while(|line| line.starts_with('|'))
+        .map(|line| {
+            let cell = line.trim_start_matches('|').trim_start();
+            let name = cell.strip_prefix('`').and_then(|c| c.split_once('`'));
+            name.unwrap_or_else(|| panic!("table row without a `name`: {line}"))
+                .0
+                .to_string()
+        })
+        .collect()
+}
+
+/// The member names of a value as the daemon encodes it, in order.
+fn member_names<T: Serialize>(value: &T) -> Vec<String> {
+    let bytes = rmp_serde::to_vec_named(value).expect("encodes");
+    let decoded = rmpv::decode::read_value(&mut &bytes[..]).expect("MessagePack");
+    decoded
+        .as_map()
+        .expect("a map")
+        .iter()
+        .map(|(k, _)| k.as_str().expect("str keys").to_string())
+        .collect()
+}
+
+/// A member of a MessagePack map.
+fn member<'a>(value: &'a rmpv::Value, name: &str) -> &'a rmpv::Value {
+    value
+        .as_map()
+        .and_then(|map| map.iter().find(|(k, _)| k.as_str() == Some(name)))
+        .map(|(_, v)| v)
+        .unwrap_or_else(|| panic!("no member `{name}` in {value}"))
+}
+
 fn is_request_id(s: &str) -> bool {
     s.len() == 36
         && s.char_indices().all(|(i, c)| match i {
@@ -240,6 +306,67 @@ fn expected_requests() -> Vec<(&'static str, Request)> {
             },
         ),
         ("get-without-key-request", Request::new(7, CommandName::Get)),
+        (
+            "lock-request",
+            Request {
+                args: Args {
+                    key: Some(LOCK_KEY.into()),
+                    ttl_ms: Some(30_000),
+                    wait_ms: Some(5_000),
+                    ..Args::default()
+                },
+                ..Request::new(8, CommandName::Lock)
+            },
+        ),
+        (
+            "lock-try-request",
+            Request {
+                args: Args {
+                    key: Some(LOCK_KEY.into()),
+                    try_only: Some(true),
+                    ..Args::default()
+                },
+                ..Request::new(9, CommandName::Lock)
+            },
+        ),
+        (
+            "extend-request",
+            Request {
+                args: Args {
+                    key: Some(LOCK_KEY.into()),
+                    ttl_ms: Some(60_000),
+                    token: Some(OWNER_TOKEN.into()),
+                    ..Args::default()
+                },
+                ..Request::new(10, CommandName::Extend)
+            },
+        ),
+        (
+            "unlock-request",
+            Request {
+                args: Args {
+                    key: Some(LOCK_KEY.into()),
+                    token: Some(OWNER_TOKEN.into()),
+                    ..Args::default()
+                },
+                ..Request::new(11, CommandName::Unlock)
+            },
+        ),
+        (
+            "set-fenced-request",
+            Request {
+                args: Args {
+                    key: Some(LOCK_KEY.into()),
+                    value: Some(FENCED_VALUE.to_vec()),
+                    fence: Some(Fence {
+                        lock: LOCK_KEY.into(),
+                        token: 1,
+                    }),
+                    ..Args::default()
+                },
+                ..Request::new(13, CommandName::Set)
+            },
+        ),
     ]
 }
 
@@ -253,11 +380,24 @@ struct Welcome {
     max_value: usize,
 }
 
+/// UNLOCK's answer, declared and encoded the way the daemon does it.
+#[derive(Serialize)]
+struct UnlockAnswer {
+    status: Status,
+}
+
+/// EXTEND's answer, declared and encoded the way the daemon does it.
+#[derive(Serialize)]
+struct ExtendAnswer {
+    status: Status,
+    ttl_ms: u64,
+}
+
 /// The `ok` or `err` part of an expected response.
 enum Answer {
     /// The daemon's reply, and the value a client decodes from it.
     Ok(Reply, rmpv::Value),
-    Err(ErrorCode, &'static str),
+    Err(ErrorCode, String),
 }
 
 struct ExpectedResponse {
@@ -286,6 +426,36 @@ fn expected_responses() -> Vec<ExpectedResponse> {
         ("max_value".into(), (MAX_VALUE_LEN as u64).into()),
     ]);
     let text = |s: &'static str| Answer::Ok(Reply::Text(s), s.into());
+    let err = |code, message: &str| Answer::Err(code, message.to_string());
+    let map = |members: Vec<(&str, rmpv::Value)>| {
+        rmpv::Value::Map(members.into_iter().map(|(k, v)| (k.into(), v)).collect())
+    };
+    let grant = Reply::encode(&Grant {
+        token: OWNER_TOKEN.into(),
+        fence: 1,
+        ttl_ms: 30_000,
+        waited_us: 0,
+    })
+    .expect("a grant encodes");
+    let grant_value = map(vec![
+        ("token", OWNER_TOKEN.into()),
+        ("fence", 1u64.into()),
+        ("ttl_ms", 30_000u64.into()),
+        ("waited_us", 0u64.into()),
+    ]);
+    let unlocked =
+        |status| Reply::encode(&UnlockAnswer { status }).expect("UNLOCK's answer encodes");
+    let extended = Reply::encode(&ExtendAnswer {
+        status: Status::Ok,
+        ttl_ms: 60_000,
+    })
+    .expect("EXTEND's answer encodes");
+    let fenced = Fenced {
+        lock: LOCK_KEY.into(),
+        token: 1,
+        newest: 2,
+    }
+    .to_string();
     let response = |name, id, request_n, elapsed_us, answer| ExpectedResponse {
         name,
         id,
@@ -326,14 +496,56 @@ fn expected_responses() -> Vec<ExpectedResponse> {
             7,
             7,
             5,
-            Answer::Err(ErrorCode::BadArgument, "missing argument `key`"),
+            err(ErrorCode::BadArgument, "missing argument `key`"),
         ),
         response(
             "malformed-response",
             0,
             8,
             0,
-            Answer::Err(ErrorCode::Malformed, "stream ended 3 bytes into a frame"),
+            err(ErrorCode::Malformed, "stream ended 3 bytes into a frame"),
+        ),
+        response("lock-response", 8, 9, 23, Answer::Ok(grant, grant_value)),
+        response(
+            "locked-response",
+            9,
+            10,
+            6,
+            err(ErrorCode::Locked, "lock `session:42` is held"),
+        ),
+        response(
+            "extend-response",
+            10,
+            11,
+            12,
+            Answer::Ok(
+                extended,
+                map(vec![("status", "OK".into()), ("ttl_ms", 60_000u64.into())]),
+            ),
+        ),
+        response(
+            "unlock-response",
+            11,
+            12,
+            14,
+            Answer::Ok(unlocked(Status::Ok), map(vec![("status", "OK".into())])),
+        ),
+        response(
+            "unlock-not-owner-response",
+            12,
+            13,
+            8,
+            Answer::Ok(
+                unlocked(Status::NotOwner),
+                map(vec![("status", "NOT_OWNER".into())]),
+            ),
+        ),
+        response(
+            "fenced-response",
+            13,
+            14,
+            10,
+            err(ErrorCode::Fenced, &fenced),
         ),
     ]
 }
@@ -450,7 +662,7 @@ fn response_vectors_decode_to_the_expected_responses_and_the_daemon_encoders_wri
                 rmpv::Value::Nil,
                 Some(WireError {
                     code: code.as_str().into(),
-                    message: message.into(),
+                    message,
                 }),
             ),
         };
@@ -564,10 +776,133 @@ fn the_limits_table_states_the_limits_of_the_code() {
         ("key", MAX_KEY_LEN as u64),
         ("value", MAX_VALUE_LEN as u64),
         ("PING delay", MAX_PING_DELAY_MS),
+        ("lock lease and wait", MAX_LOCK_MS),
+        ("lock record retention", FENCE_RETENTION.as_secs()),
     ] {
         assert!(
             limits.contains(&value.to_string()),
             "the limits table does not give the {what} limit {value}"
+        );
+    }
+}
+
+#[test]
+fn the_answer_tables_list_the_members_the_daemon_writes() {
+    let grant = Grant {
+        token: OWNER_TOKEN.into(),
+        fence: 1,
+        ttl_ms: 1,
+        waited_us: 0,
+    };
+    assert_eq!(
+        table_names(subsection("### LOCK"), "Member"),
+        member_names(&grant),
+        "LOCK's answer table and Grant differ"
+    );
+    let row = LockInfo {
+        key: LOCK_KEY.into(),
+        owner: "example#1".into(),
+        fence: 1,
+        age_ms: 0,
+        ttl_ms: 1,
+        auto_renew: false,
+        waiters: 0,
+    };
+    assert_eq!(
+        table_names(subsection("### LOCKS"), "Member"),
+        member_names(&row),
+        "LOCKS's answer table and LockInfo differ"
+    );
+    let statuses: Vec<String> = [
+        Status::Ok,
+        Status::NotLocked,
+        Status::NotOwner,
+        Status::Expired,
+    ]
+    .iter()
+    .map(|status| {
+        let bytes = rmp_serde::to_vec(status).expect("encodes");
+        rmpv::decode::read_value(&mut &bytes[..])
+            .expect("MessagePack")
+            .as_str()
+            .expect("a status is a str")
+            .to_string()
+    })
+    .collect();
+    assert_eq!(
+        table_names(subsection("### UNLOCK"), "`status`"),
+        statuses,
+        "UNLOCK's status table and Status differ"
+    );
+    assert_eq!(
+        member_names(&UnlockAnswer { status: Status::Ok }),
+        ["status"]
+    );
+    assert_eq!(
+        member_names(&ExtendAnswer {
+            status: Status::Ok,
+            ttl_ms: 1
+        }),
+        ["status", "ttl_ms"]
+    );
+    assert!(subsection("### EXTEND").contains("`{status: str, ttl_ms: uint}`"));
+    let stats_locks: Vec<String> = table_names(subsection("### STATS"), "Member")
+        .into_iter()
+        .filter_map(|name| name.strip_prefix("locks.").map(str::to_string))
+        .collect();
+    assert_eq!(
+        stats_locks,
+        member_names(&LockStats::default()),
+        "the STATS `locks` rows and LockStats differ"
+    );
+}
+
+/// The anchor a heading gets: lower case, spaces to hyphens, other punctuation dropped.
+fn slug(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn every_link_to_an_anchor_names_a_heading() {
+    let mut anchors: Vec<String> = Vec::new();
+    let mut in_code = false;
+    for line in SPEC.lines() {
+        if line.starts_with("```") {
+            in_code = !in_code;
+        }
+        if in_code || !line.starts_with('#') {
+            continue;
+        }
+        let base = slug(line.trim_start_matches('#'));
+        let taken = anchors
+            .iter()
+            .filter(|a| {
+                **a == base
+                    || a.strip_prefix(&format!("{base}-"))
+                        .is_some_and(|n| n.parse::<u32>().is_ok())
+            })
+            .count();
+        anchors.push(if taken == 0 {
+            base
+        } else {
+            format!("{base}-{taken}")
+        });
+    }
+    for (at, _) in SPEC.match_indices("](#") {
+        let target = &SPEC[at + 3..];
+        let target = &target[..target.find(')').expect("a closed link")];
+        assert!(
+            anchors.iter().any(|a| a == target),
+            "link to `#{target}`, which no heading has; headings: {anchors:?}"
         );
     }
 }
@@ -736,4 +1071,246 @@ async fn framing_limits_behave_as_specified() {
         next_frame(&mut conn, &mut buf).await.is_none(),
         "the connection stays open"
     );
+}
+
+/// A request vector with the owner token the daemon really granted (and, if given, another id), framed.
+fn with_token(vector: &str, id: Option<u64>, token: &str) -> Vec<u8> {
+    let mut request = decode_request(&body(vector)).expect("a request vector");
+    request.args.token = Some(token.to_string());
+    if let Some(id) = id {
+        request.id = id;
+    }
+    framed(&request)
+}
+
+fn framed(request: &Request) -> Vec<u8> {
+    let mut out = Vec::new();
+    push_frame(&mut out, &request.to_msgpack());
+    out
+}
+
+/// Sends a frame and waits for the next answer on the connection.
+async fn call(conn: &mut RawConn, buf: &mut BytesMut, frame: &[u8]) -> Vec<u8> {
+    conn.send_bytes(frame).await;
+    next_frame(conn, buf).await.expect("an answer")
+}
+
+/// `bytes` with the first occurrence of `from` replaced by `to` (of the same length).
+fn replace_once(bytes: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+    let at = bytes
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("the bytes hold the token");
+    [&bytes[..at], to, &bytes[at + from.len()..]].concat()
+}
+
+/// Checks a live grant: a fresh lower-case version 4 UUID as owner token, and then, with the vector's
+/// token put in its place, byte for byte the `ok` part of `lock-response`. Returns the live token.
+fn assert_grant_like_the_vector(live: &[u8], request_id: u64) -> String {
+    let (response, rest) = split_response(live);
+    assert_eq!(response.id, request_id, "the grant carries another id");
+    assert!(response.err.is_none(), "LOCK failed: {:?}", response.err);
+    let token = member(&response.ok, "token")
+        .as_str()
+        .expect("a str owner token")
+        .to_string();
+    let b = token.as_bytes();
+    assert!(
+        is_request_id(&token) && b[14] == b'4' && b"89ab".contains(&b[19]),
+        "owner token `{token}` is not a lower-case version 4 UUID"
+    );
+    assert_ne!(token, OWNER_TOKEN);
+    let (_, want) = split_response(&body("lock-response"));
+    assert_eq!(
+        replace_once(&rest, token.as_bytes(), OWNER_TOKEN.as_bytes()),
+        want,
+        "the grant differs from `lock-response`: {}",
+        response.ok
+    );
+    token
+}
+
+/// The daemon's STATS `locks` map.
+async fn lock_stats(conn: &mut RawConn, buf: &mut BytesMut, id: u64) -> rmpv::Value {
+    let answer = call(conn, buf, &framed(&Request::new(id, CommandName::Stats))).await;
+    let response = Response::decode(&answer).expect("a response");
+    member(&response.ok, "locks").clone()
+}
+
+/// Asks LOCKS until `done` holds for the listing, failing after STARTUP_LIMIT.
+async fn locks_until(
+    conn: &mut RawConn,
+    buf: &mut BytesMut,
+    what: &str,
+    done: impl Fn(&[rmpv::Value]) -> bool,
+) -> Vec<rmpv::Value> {
+    let deadline = tokio::time::Instant::now() + STARTUP_LIMIT;
+    for id in 1000.. {
+        let answer = call(conn, buf, &framed(&Request::new(id, CommandName::Locks))).await;
+        let response = Response::decode(&answer).expect("a response");
+        let rows = response
+            .ok
+            .as_array()
+            .expect("LOCKS answers an array")
+            .clone();
+        if done(&rows) {
+            return rows;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "LOCKS never showed {what}: {rows:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    unreachable!()
+}
+
+#[tokio::test]
+async fn the_lock_vectors_replayed_against_a_daemon_get_the_answers_of_the_response_vectors() {
+    let daemon = TestDaemon::start(&[]);
+    let (mut a, mut a_buf) = (daemon.raw_without_hello().await, BytesMut::new());
+    let (mut b, mut b_buf) = (daemon.raw_without_hello().await, BytesMut::new());
+    for (conn, buf) in [(&mut a, &mut a_buf), (&mut b, &mut b_buf)] {
+        let hello = call(conn, buf, &frame("hello-request")).await;
+        assert_answers_like(&hello, 1, "hello-response");
+    }
+
+    // A takes the lock at once: the daemon's first grant, fencing token 1, no wait.
+    let live = call(&mut a, &mut a_buf, &frame("lock-request")).await;
+    let token = assert_grant_like_the_vector(&live, request_id_of("lock-request"));
+
+    // B, in try mode, is refused with exactly the vector's error.
+    let live = call(&mut b, &mut b_buf, &frame("lock-try-request")).await;
+    assert_answers_like(&live, 9, "locked-response");
+
+    // A extends its lease, with its real token.
+    let live = call(
+        &mut a,
+        &mut a_buf,
+        &with_token("extend-request", None, &token),
+    )
+    .await;
+    assert_answers_like(&live, 10, "extend-response");
+
+    // A's fenced SET carries the newest grant, so it is written.
+    let live = call(&mut a, &mut a_buf, &frame("set-fenced-request")).await;
+    assert_answers_like(&live, 13, "set-response");
+
+    // B queues for the lock; LOCKS shows A holding it with B waiting behind.
+    b.send_bytes(&frame("lock-request")).await;
+    let rows = locks_until(&mut a, &mut a_buf, "one waiter", |rows| {
+        rows.len() == 1 && member(&rows[0], "waiters").as_u64() == Some(1)
+    })
+    .await;
+    let row = &rows[0];
+    let names: Vec<&str> = row
+        .as_map()
+        .expect("a LOCKS row is a map")
+        .iter()
+        .map(|(k, _)| k.as_str().expect("str keys"))
+        .collect();
+    assert_eq!(names, table_names(subsection("### LOCKS"), "Member"));
+    assert_eq!(member(row, "key").as_str(), Some(LOCK_KEY));
+    assert!(member(row, "owner")
+        .as_str()
+        .is_some_and(|o| o.starts_with("example#")));
+    assert_eq!(member(row, "fence").as_u64(), Some(1));
+    assert_eq!(member(row, "auto_renew").as_bool(), Some(false));
+    assert!(member(row, "ttl_ms")
+        .as_u64()
+        .is_some_and(|ms| ms <= 60_000));
+
+    // A unlocks; the lock goes straight to B, with the next fencing token.
+    let live = call(
+        &mut a,
+        &mut a_buf,
+        &with_token("unlock-request", None, &token),
+    )
+    .await;
+    assert_answers_like(&live, 11, "unlock-response");
+    let handed = Response::decode(&next_frame(&mut b, &mut b_buf).await.expect("B's grant"))
+        .expect("a response");
+    assert_eq!(handed.id, request_id_of("lock-request"));
+    assert!(handed.err.is_none(), "B's LOCK failed: {:?}", handed.err);
+    assert_eq!(member(&handed.ok, "fence").as_u64(), Some(2));
+    assert_eq!(member(&handed.ok, "ttl_ms").as_u64(), Some(30_000));
+    assert!(member(&handed.ok, "waited_us")
+        .as_u64()
+        .is_some_and(|us| us > 0));
+    assert_ne!(member(&handed.ok, "token").as_str(), Some(token.as_str()));
+
+    // A's token no longer holds the lock, and its fencing token is stale.
+    let live = call(
+        &mut a,
+        &mut a_buf,
+        &with_token("unlock-request", Some(12), &token),
+    )
+    .await;
+    assert_answers_like(&live, 12, "unlock-not-owner-response");
+    let live = call(&mut a, &mut a_buf, &frame("set-fenced-request")).await;
+    assert_answers_like(&live, 13, "fenced-response");
+
+    // STATS `locks` has the members the spec lists, and counts the story.
+    let stats = lock_stats(&mut a, &mut a_buf, 20).await;
+    let names: Vec<String> = stats
+        .as_map()
+        .expect("STATS `locks` is a map")
+        .iter()
+        .map(|(k, _)| k.as_str().expect("str keys").to_string())
+        .collect();
+    assert_eq!(names, member_names(&LockStats::default()));
+    for (name, want) in [
+        ("held", 1),
+        ("waiters", 0),
+        ("requests", 3),
+        ("grants", 2),
+        ("timeouts", 0),
+        ("refused", 1),
+        ("released_on_disconnect", 0),
+    ] {
+        assert_eq!(member(&stats, name).as_u64(), Some(want), "locks.{name}");
+    }
+    assert_eq!(member(&stats, "contention").as_f64(), Some(66.67));
+    assert!(member(&stats, "wait_p50").as_f64().is_some_and(|s| s > 0.0));
+
+    // B's connection ends: its lock is released at once, without waiting for the lease.
+    drop(b);
+    locks_until(&mut a, &mut a_buf, "no lock", |rows| rows.is_empty()).await;
+    let stats = lock_stats(&mut a, &mut a_buf, 21).await;
+    assert_eq!(member(&stats, "released_on_disconnect").as_u64(), Some(1));
+
+    // The limits of `ttl_ms` and `wait_ms`.
+    let lock = |id, ttl_ms, wait_ms| {
+        framed(&Request {
+            args: Args {
+                key: Some("limits".into()),
+                ttl_ms,
+                wait_ms,
+                ..Args::default()
+            },
+            ..Request::new(id, CommandName::Lock)
+        })
+    };
+    for (id, ttl_ms, wait_ms) in [
+        (30, Some(0), None),
+        (31, Some(MAX_LOCK_MS + 1), None),
+        (32, None, Some(MAX_LOCK_MS + 1)),
+    ] {
+        let live = call(&mut a, &mut a_buf, &lock(id, ttl_ms, wait_ms)).await;
+        let response = Response::decode(&live).expect("a response");
+        assert_eq!(
+            response.err.map(|e| e.code).as_deref(),
+            Some("BAD_ARGUMENT"),
+            "LOCK with ttl_ms {ttl_ms:?}, wait_ms {wait_ms:?}"
+        );
+    }
+    let live = call(
+        &mut a,
+        &mut a_buf,
+        &lock(33, Some(MAX_LOCK_MS), Some(MAX_LOCK_MS)),
+    )
+    .await;
+    let response = Response::decode(&live).expect("a response");
+    assert!(response.err.is_none(), "{:?}", response.err);
+    assert_eq!(member(&response.ok, "ttl_ms").as_u64(), Some(MAX_LOCK_MS));
 }
