@@ -43,13 +43,20 @@ impl Daemon {
         Daemon {
             config,
             cache,
-            locks: Arc::new(LockTable::new()),
+            locks: Arc::new(LockTable::with_fences_after(wall_clock_micros())),
             meter: RequestMeter::new(started),
             connections: ConnectionCounters::default(),
             started,
             shutdown: CancellationToken::new(),
         }
     }
+}
+
+/// Microseconds since the Unix epoch; where fencing tokens start, so they keep growing across restarts.
+fn wall_clock_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// Connection counts.

@@ -240,8 +240,15 @@ impl Default for LockTable {
 }
 
 impl LockTable {
-    /// An empty table.
+    /// An empty table whose first fencing token is 1.
     pub fn new() -> LockTable {
+        LockTable::with_fences_after(0)
+    }
+
+    /// An empty table whose fencing tokens start after `last`. The daemon passes the wall-clock time
+    /// in microseconds, so a restarted daemon's tokens are greater than its predecessor's: the counter
+    /// grows by one per grant, far slower than the clock, so it never catches up with the next start.
+    pub fn with_fences_after(last: u64) -> LockTable {
         LockTable {
             state: Mutex::new(State {
                 entries: HashMap::new(),
@@ -251,8 +258,8 @@ impl LockTable {
                 waiting: 0,
                 wake_at: None,
                 wake_needed: false,
-                fence: 0,
-                fence_floor: 0,
+                fence: last,
+                fence_floor: last,
                 next_ticket: 0,
                 counters: Counters::default(),
                 waits: Histogram::new_with_bounds(1, 86_400_000_000, 2)
@@ -327,19 +334,33 @@ impl LockTable {
         status
     }
 
-    /// Renews the lease of `token` on `key` to `lease` from now.
-    pub fn extend(&self, key: &str, token: &str, lease: Duration, now: Instant) -> Status {
+    /// Renews the lease of `token` on `key` to `lease` from now; `None` keeps the lease length it has.
+    /// Answers the status and the lease now in force.
+    pub fn extend(
+        &self,
+        key: &str,
+        token: &str,
+        lease: Option<Duration>,
+        now: Instant,
+    ) -> (Status, Duration) {
         let mut st = self.state.lock();
         let Some(key) = st.entries.get_key_value(key).map(|(k, _)| k.clone()) else {
-            return Status::NotLocked;
+            return (Status::NotLocked, Duration::ZERO);
         };
         st.expire_if_due(&key, now);
         let status = st.status_of(&key, token);
+        let mut granted = Duration::ZERO;
         if status == Status::Ok {
-            st.renew(&key, lease, now);
+            let current = st
+                .entries
+                .get(&key)
+                .and_then(|e| e.holder.as_ref())
+                .map(|h| h.lease);
+            granted = lease.or(current).unwrap_or_default();
+            st.renew(&key, granted, now);
         }
         self.unlock_and_wake(st);
-        status
+        (status, granted)
     }
 
     /// Releases every lock connection `conn` holds. Cancel its `alive` token first, so none of its

@@ -109,8 +109,8 @@ impl<'de> Deserialize<'de> for CommandName {
     }
 }
 
-/// A fence on a write: the write is refused with `FENCED` unless `token` is at least the newest fencing
-/// token granted on the lock `lock`.
+/// A fence on a write: the write is refused with `FENCED` unless `token` is the newest fencing token
+/// granted on the lock `lock`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fence {
     /// The lock key whose grants fence this write.

@@ -1,4 +1,5 @@
-//! EXTEND: renews the lease of a lock held with this owner token, to `ttl_ms` from now.
+//! EXTEND: renews the lease of a lock held with this owner token, to `ttl_ms` (or the lease it has)
+//! from now.
 
 use std::sync::Arc;
 
@@ -20,13 +21,11 @@ struct Answer {
 pub fn run(daemon: &Arc<Daemon>, mut args: Args, now: Instant) -> CommandResult {
     let key = required_key(&mut args)?;
     let token = required_token(&mut args)?;
-    let lease =
-        lock_millis(args.ttl_ms, "ttl_ms")?.unwrap_or_else(|| daemon.config.default_lease());
-    let status = daemon.locks.extend(&key, &token, lease, now);
-    let ttl_ms = if status == Status::Ok {
-        lease.as_millis() as u64
-    } else {
-        0
-    };
-    Reply::encode(&Answer { status, ttl_ms })
+    // Without ttl_ms the lease is renewed for the length it was granted with.
+    let lease = lock_millis(args.ttl_ms, "ttl_ms")?;
+    let (status, lease) = daemon.locks.extend(&key, &token, lease, now);
+    Reply::encode(&Answer {
+        status,
+        ttl_ms: lease.as_millis() as u64,
+    })
 }

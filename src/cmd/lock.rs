@@ -15,13 +15,13 @@ pub fn run(daemon: &Arc<Daemon>, peer: &Peer, mut args: Args, now: Instant) -> O
         let key = required_key(&mut args)?;
         let lease =
             lock_millis(args.ttl_ms, "ttl_ms")?.unwrap_or_else(|| daemon.config.default_lease());
-        // wait_ms 0 means "do not wait", which is try mode.
+        // A wait of 0, asked for or configured, means "do not wait", which is try mode.
         let wait = match args.wait_ms {
             Some(0) => None,
-            other => Some(
-                lock_millis(other, "wait_ms")?.unwrap_or_else(|| daemon.config.default_lock_wait()),
-            ),
-        };
+            Some(ms) => lock_millis(Some(ms), "wait_ms")?,
+            None => Some(daemon.config.default_lock_wait()),
+        }
+        .filter(|w| !w.is_zero());
         Ok::<_, CommandError>((key, lease, wait))
     })();
     let (key, lease, wait) = match parsed {
