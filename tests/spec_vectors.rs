@@ -12,7 +12,11 @@ mod common;
 //   encoders (`write_response_head`, `write_ok_key` + `Reply::write`, `write_err`) produce the same bytes;
 // - the request vectors, sent as they are to a real daemon, get answers whose `ok`/`err` part is byte
 //   for byte the one in the matching response vector; the lock vectors are replayed the same way, with
-//   the owner token the daemon really granted put in place of the vector's;
+//   the owner token and fencing tokens the daemon really granted put in place of the vector's (the
+//   fencing tokens start after the wall clock at the daemon's start, so they differ in every run);
+// - what the spec says of fencing tokens (above the wall clock at start, one more per grant, the start
+//   value fencing a lock never taken), of EXTEND without `ttl_ms` and of a default wait of 0 holds for
+//   a running daemon;
 // - the error table lists every `ErrorCode`, in order, and every command has a heading;
 // - the answer tables of LOCK, LOCKS, UNLOCK and the STATS `locks` rows list exactly the members the
 //   daemon's types serialize, in order, and every `#anchor` link names a heading.
@@ -45,6 +49,11 @@ const LOCK_KEY: &str = "session:42";
 
 /// The owner token the lock vectors show where a live daemon answers a random one.
 const OWNER_TOKEN: &str = "5f0c8a1e-2b7d-4c39-a6e4-1d9b3f7c2e80";
+
+/// The fencing token of the first grant in the lock vectors: one above the start value of a daemon
+/// started at midnight UTC on 27 November 2025, 1764201600000000 µs after the Unix epoch. The second
+/// grant has the next one.
+const FIRST_FENCE: u64 = 1_764_201_600_000_001;
 
 /// The value of the fenced SET vector.
 const FENCED_VALUE: &[u8] = b"cart:3";
@@ -360,7 +369,7 @@ fn expected_requests() -> Vec<(&'static str, Request)> {
                     value: Some(FENCED_VALUE.to_vec()),
                     fence: Some(Fence {
                         lock: LOCK_KEY.into(),
-                        token: 1,
+                        token: FIRST_FENCE,
                     }),
                     ..Args::default()
                 },
@@ -432,14 +441,14 @@ fn expected_responses() -> Vec<ExpectedResponse> {
     };
     let grant = Reply::encode(&Grant {
         token: OWNER_TOKEN.into(),
-        fence: 1,
+        fence: FIRST_FENCE,
         ttl_ms: 30_000,
         waited_us: 0,
     })
     .expect("a grant encodes");
     let grant_value = map(vec![
         ("token", OWNER_TOKEN.into()),
-        ("fence", 1u64.into()),
+        ("fence", FIRST_FENCE.into()),
         ("ttl_ms", 30_000u64.into()),
         ("waited_us", 0u64.into()),
     ]);
@@ -452,8 +461,8 @@ fn expected_responses() -> Vec<ExpectedResponse> {
     .expect("EXTEND's answer encodes");
     let fenced = Fenced {
         lock: LOCK_KEY.into(),
-        token: 1,
-        newest: 2,
+        token: FIRST_FENCE,
+        newest: FIRST_FENCE + 1,
     }
     .to_string();
     let response = |name, id, request_n, elapsed_us, answer| ExpectedResponse {
@@ -1083,6 +1092,15 @@ fn with_token(vector: &str, id: Option<u64>, token: &str) -> Vec<u8> {
     framed(&request)
 }
 
+/// The EXTEND vector with another id, the real owner token and no `ttl_ms`, framed.
+fn extend_keeping_the_lease(id: u64, token: &str) -> Vec<u8> {
+    let mut request = decode_request(&body("extend-request")).expect("a request vector");
+    request.id = id;
+    request.args.token = Some(token.to_string());
+    request.args.ttl_ms = None;
+    framed(&request)
+}
+
 fn framed(request: &Request) -> Vec<u8> {
     let mut out = Vec::new();
     push_frame(&mut out, &request.to_msgpack());
@@ -1095,18 +1113,50 @@ async fn call(conn: &mut RawConn, buf: &mut BytesMut, frame: &[u8]) -> Vec<u8> {
     next_frame(conn, buf).await.expect("an answer")
 }
 
-/// `bytes` with the first occurrence of `from` replaced by `to` (of the same length).
+/// `bytes` with the first occurrence of `from` replaced by `to`.
 fn replace_once(bytes: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
     let at = bytes
         .windows(from.len())
         .position(|w| w == from)
-        .expect("the bytes hold the token");
+        .unwrap_or_else(|| panic!("the bytes do not hold {from:02x?}"));
     [&bytes[..at], to, &bytes[at + from.len()..]].concat()
 }
 
+/// A uint in the smallest MessagePack form, as the daemon and a minimal client write it.
+fn msgpack_uint(n: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    rmp::encode::write_uint(&mut out, n).expect("write to a Vec");
+    out
+}
+
+/// A `fence` member: its key and its uint, as they follow each other in a grant or a fence map.
+fn fence_member(fence: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    rmp::encode::write_str(&mut out, "fence").expect("write to a Vec");
+    out.extend_from_slice(&msgpack_uint(fence));
+    out
+}
+
+/// A `token` member holding a fencing token, as in a fence map.
+fn fence_token_member(token: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    rmp::encode::write_str(&mut out, "token").expect("write to a Vec");
+    out.extend_from_slice(&msgpack_uint(token));
+    out
+}
+
+/// Microseconds since the Unix epoch on the system clock, as the daemon reads it to start its fences.
+fn wall_clock_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the system clock reads after 1970")
+        .as_micros() as u64
+}
+
 /// Checks a live grant: a fresh lower-case version 4 UUID as owner token, and then, with the vector's
-/// token put in its place, byte for byte the `ok` part of `lock-response`. Returns the live token.
-fn assert_grant_like_the_vector(live: &[u8], request_id: u64) -> String {
+/// owner token and fencing token put in place of the live ones, byte for byte the `ok` part of
+/// `lock-response`. Returns the live owner token and fencing token.
+fn assert_grant_like_the_vector(live: &[u8], request_id: u64) -> (String, u64) {
     let (response, rest) = split_response(live);
     assert_eq!(response.id, request_id, "the grant carries another id");
     assert!(response.err.is_none(), "LOCK failed: {:?}", response.err);
@@ -1120,14 +1170,81 @@ fn assert_grant_like_the_vector(live: &[u8], request_id: u64) -> String {
         "owner token `{token}` is not a lower-case version 4 UUID"
     );
     assert_ne!(token, OWNER_TOKEN);
+    let fence = member(&response.ok, "fence")
+        .as_u64()
+        .expect("a uint fencing token");
     let (_, want) = split_response(&body("lock-response"));
+    let as_in_the_vector = replace_once(
+        &replace_once(&rest, token.as_bytes(), OWNER_TOKEN.as_bytes()),
+        &fence_member(fence),
+        &fence_member(FIRST_FENCE),
+    );
     assert_eq!(
-        replace_once(&rest, token.as_bytes(), OWNER_TOKEN.as_bytes()),
-        want,
+        as_in_the_vector, want,
         "the grant differs from `lock-response`: {}",
         response.ok
     );
-    token
+    (token, fence)
+}
+
+/// The fenced SET vector with the fence `{lock, token}` in place of the vector's, framed. With the
+/// vector's lock it differs from the vector in the fencing token alone.
+fn fenced_set(lock: &str, token: u64) -> Vec<u8> {
+    let vector = body("set-fenced-request");
+    let mut request = decode_request(&vector).expect("a request vector");
+    request.args.fence = Some(Fence {
+        lock: lock.to_string(),
+        token,
+    });
+    let rebuilt = request.to_msgpack();
+    if lock == LOCK_KEY {
+        assert_eq!(
+            replace_once(
+                &rebuilt,
+                &fence_token_member(token),
+                &fence_token_member(FIRST_FENCE)
+            ),
+            vector,
+            "the fenced SET differs from `set-fenced-request` in more than its token"
+        );
+    }
+    framed(&request)
+}
+
+/// Checks a live FENCED answer against `fenced-response`: the same code, and the vector's message with
+/// the real lock and numbers in place of the vector's, byte for byte as the daemon encodes it.
+fn assert_fenced_like_the_vector(
+    live: &[u8],
+    request_id: u64,
+    lock: &str,
+    token: u64,
+    newest: u64,
+) {
+    let (response, rest) = split_response(live);
+    assert_eq!(response.id, request_id, "the answer carries another id");
+    let (vector, _) = split_response(&body("fenced-response"));
+    let want = vector.err.expect("`fenced-response` is an error");
+    let got = response
+        .err
+        .unwrap_or_else(|| panic!("the fenced write was made: {}", response.ok));
+    assert_eq!(got.code, want.code);
+    // The vector's message is `<before><token><middle><newest><after>`.
+    let (before, tail) = want
+        .message
+        .split_once(&FIRST_FENCE.to_string())
+        .expect("the vector's message names its token");
+    let (middle, after) = tail
+        .split_once(&(FIRST_FENCE + 1).to_string())
+        .expect("the vector's message names the newest grant");
+    let middle = middle.replacen(&format!("`{LOCK_KEY}`"), &format!("`{lock}`"), 1);
+    let message = format!("{before}{token}{middle}{newest}{after}");
+    assert_eq!(got.message, message);
+    let mut tail = Vec::new();
+    write_err(&mut tail, ErrorCode::Fenced, &message);
+    assert_eq!(
+        rest, tail,
+        "the FENCED answer is not encoded as the vector's"
+    );
 }
 
 /// The daemon's STATS `locks` map.
@@ -1167,6 +1284,7 @@ async fn locks_until(
 
 #[tokio::test]
 async fn the_lock_vectors_replayed_against_a_daemon_get_the_answers_of_the_response_vectors() {
+    let before_start = wall_clock_micros();
     let daemon = TestDaemon::start(&[]);
     let (mut a, mut a_buf) = (daemon.raw_without_hello().await, BytesMut::new());
     let (mut b, mut b_buf) = (daemon.raw_without_hello().await, BytesMut::new());
@@ -1175,13 +1293,30 @@ async fn the_lock_vectors_replayed_against_a_daemon_get_the_answers_of_the_respo
         assert_answers_like(&hello, 1, "hello-response");
     }
 
-    // A takes the lock at once: the daemon's first grant, fencing token 1, no wait.
+    // A takes the lock at once, without waiting: the daemon's first grant. Its fencing token is one
+    // above the wall clock in microseconds when the daemon started.
     let live = call(&mut a, &mut a_buf, &frame("lock-request")).await;
-    let token = assert_grant_like_the_vector(&live, request_id_of("lock-request"));
+    let (token, first) = assert_grant_like_the_vector(&live, request_id_of("lock-request"));
+    let after_grant = wall_clock_micros();
+    assert!(
+        first > before_start,
+        "the first fencing token {first} is not above the clock before the start, {before_start}"
+    );
+    assert!(
+        first <= after_grant + 1,
+        "the first fencing token {first} is ahead of the clock, {after_grant}"
+    );
 
     // B, in try mode, is refused with exactly the vector's error.
     let live = call(&mut b, &mut b_buf, &frame("lock-try-request")).await;
     assert_answers_like(&live, 9, "locked-response");
+
+    // EXTEND without `ttl_ms` renews the lease granted, 30 s, not LOCK_TIMEOUT.
+    let live = call(&mut a, &mut a_buf, &extend_keeping_the_lease(40, &token)).await;
+    let response = Response::decode(&live).expect("a response");
+    assert!(response.err.is_none(), "EXTEND failed: {:?}", response.err);
+    assert_eq!(member(&response.ok, "status").as_str(), Some("OK"));
+    assert_eq!(member(&response.ok, "ttl_ms").as_u64(), Some(30_000));
 
     // A extends its lease, with its real token.
     let live = call(
@@ -1192,8 +1327,12 @@ async fn the_lock_vectors_replayed_against_a_daemon_get_the_answers_of_the_respo
     .await;
     assert_answers_like(&live, 10, "extend-response");
 
-    // A's fenced SET carries the newest grant, so it is written.
-    let live = call(&mut a, &mut a_buf, &frame("set-fenced-request")).await;
+    // Without `ttl_ms` again, EXTEND keeps the 60 s the last EXTEND set: the vector's answer.
+    let live = call(&mut a, &mut a_buf, &extend_keeping_the_lease(41, &token)).await;
+    assert_answers_like(&live, 41, "extend-response");
+
+    // A's fenced SET carries the newest grant, its own, so it is written.
+    let live = call(&mut a, &mut a_buf, &fenced_set(LOCK_KEY, first)).await;
     assert_answers_like(&live, 13, "set-response");
 
     // B queues for the lock; LOCKS shows A holding it with B waiting behind.
@@ -1214,7 +1353,7 @@ async fn the_lock_vectors_replayed_against_a_daemon_get_the_answers_of_the_respo
     assert!(member(row, "owner")
         .as_str()
         .is_some_and(|o| o.starts_with("example#")));
-    assert_eq!(member(row, "fence").as_u64(), Some(1));
+    assert_eq!(member(row, "fence").as_u64(), Some(first));
     assert_eq!(member(row, "auto_renew").as_bool(), Some(false));
     assert!(member(row, "ttl_ms")
         .as_u64()
@@ -1232,7 +1371,7 @@ async fn the_lock_vectors_replayed_against_a_daemon_get_the_answers_of_the_respo
         .expect("a response");
     assert_eq!(handed.id, request_id_of("lock-request"));
     assert!(handed.err.is_none(), "B's LOCK failed: {:?}", handed.err);
-    assert_eq!(member(&handed.ok, "fence").as_u64(), Some(2));
+    assert_eq!(member(&handed.ok, "fence").as_u64(), Some(first + 1));
     assert_eq!(member(&handed.ok, "ttl_ms").as_u64(), Some(30_000));
     assert!(member(&handed.ok, "waited_us")
         .as_u64()
@@ -1247,8 +1386,18 @@ async fn the_lock_vectors_replayed_against_a_daemon_get_the_answers_of_the_respo
     )
     .await;
     assert_answers_like(&live, 12, "unlock-not-owner-response");
-    let live = call(&mut a, &mut a_buf, &frame("set-fenced-request")).await;
-    assert_answers_like(&live, 13, "fenced-response");
+    let live = call(&mut a, &mut a_buf, &fenced_set(LOCK_KEY, first)).await;
+    assert_fenced_like_the_vector(&live, 13, LOCK_KEY, first, first + 1);
+
+    // A lock never taken is fenced by the counter's start value, one below the first grant: only that
+    // token is accepted on it, and 0 never is.
+    let never = "session:never-locked";
+    let live = call(&mut a, &mut a_buf, &fenced_set(never, first)).await;
+    assert_fenced_like_the_vector(&live, 13, never, first, first - 1);
+    let live = call(&mut a, &mut a_buf, &fenced_set(never, 0)).await;
+    assert_fenced_like_the_vector(&live, 13, never, 0, first - 1);
+    let live = call(&mut a, &mut a_buf, &fenced_set(never, first - 1)).await;
+    assert_answers_like(&live, 13, "set-response");
 
     // STATS `locks` has the members the spec lists, and counts the story.
     let stats = lock_stats(&mut a, &mut a_buf, 20).await;
@@ -1313,4 +1462,32 @@ async fn the_lock_vectors_replayed_against_a_daemon_get_the_answers_of_the_respo
     let response = Response::decode(&live).expect("a response");
     assert!(response.err.is_none(), "{:?}", response.err);
     assert_eq!(member(&response.ok, "ttl_ms").as_u64(), Some(MAX_LOCK_MS));
+}
+
+#[tokio::test]
+async fn a_lock_whose_default_wait_is_zero_is_in_try_mode() {
+    // LOCK_RETRY_DELAY × LOCK_MAX_RETRIES = 0: a LOCK without `wait_ms` does not wait.
+    let daemon = TestDaemon::start(&["--lock-max-retries", "0"]);
+    let (mut a, mut a_buf) = (daemon.raw_without_hello().await, BytesMut::new());
+    let (mut b, mut b_buf) = (daemon.raw_without_hello().await, BytesMut::new());
+    for (conn, buf) in [(&mut a, &mut a_buf), (&mut b, &mut b_buf)] {
+        let hello = call(conn, buf, &frame("hello-request")).await;
+        assert_answers_like(&hello, 1, "hello-response");
+    }
+    let live = call(&mut a, &mut a_buf, &frame("lock-request")).await;
+    assert_grant_like_the_vector(&live, request_id_of("lock-request"));
+
+    // B asks without `wait_ms` and without `try`, and is refused at once as the try-mode vector is.
+    let mut request = decode_request(&body("lock-try-request")).expect("a request vector");
+    request.args.try_only = None;
+    let live = call(&mut b, &mut b_buf, &framed(&request)).await;
+    assert_answers_like(&live, 9, "locked-response");
+    let stats = lock_stats(&mut a, &mut a_buf, 20).await;
+    assert_eq!(member(&stats, "refused").as_u64(), Some(1), "locks.refused");
+    assert_eq!(
+        member(&stats, "timeouts").as_u64(),
+        Some(0),
+        "locks.timeouts"
+    );
+    assert_eq!(member(&stats, "waiters").as_u64(), Some(0), "locks.waiters");
 }
