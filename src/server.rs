@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -143,7 +143,7 @@ impl Server {
 
         tracker.spawn(sweep_cache(daemon.clone()));
         tracker.spawn(daemon.locks.clone().run_expiry(daemon.shutdown.clone()));
-        let unix_loop = accept_unix(
+        let unix_loop = accept_loop(
             unix,
             daemon.clone(),
             tracker.clone(),
@@ -152,7 +152,7 @@ impl Server {
         );
         match tcp {
             Some(tcp) => {
-                let tcp_loop = accept_tcp(tcp, daemon.clone(), tracker.clone(), limit, ids);
+                let tcp_loop = accept_loop(tcp, daemon.clone(), tracker.clone(), limit, ids);
                 tokio::join!(unix_loop, tcp_loop);
             }
             None => unix_loop.await,
@@ -215,30 +215,37 @@ fn claim_socket_path(path: &Path) -> Result<File, StartError> {
     Ok(lock)
 }
 
-async fn accept_unix(
-    listener: UnixListener,
-    daemon: Arc<Daemon>,
-    tracker: TaskTracker,
-    limit: Arc<Semaphore>,
-    ids: Arc<AtomicU64>,
-) {
-    loop {
-        let accepted = tokio::select! {
-            _ = daemon.shutdown.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((stream, _)) => {
-                let (r, w) = stream.into_split();
-                start_connection(&daemon, &tracker, &limit, &ids, r, w);
-            }
-            Err(e) => accept_failed(e).await,
-        }
+/// A listener whose connections split into a read half and a write half.
+trait Listener: Send + 'static {
+    type Read: AsyncRead + Unpin + Send + 'static;
+    type Write: AsyncWrite + Unpin + Send + 'static;
+    fn accept_split(
+        &self,
+    ) -> impl std::future::Future<Output = io::Result<(Self::Read, Self::Write)>> + Send;
+}
+
+impl Listener for UnixListener {
+    type Read = tokio::net::unix::OwnedReadHalf;
+    type Write = tokio::net::unix::OwnedWriteHalf;
+    async fn accept_split(&self) -> io::Result<(Self::Read, Self::Write)> {
+        Ok(self.accept().await?.0.into_split())
     }
 }
 
-async fn accept_tcp(
-    listener: TcpListener,
+impl Listener for TcpListener {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    async fn accept_split(&self) -> io::Result<(Self::Read, Self::Write)> {
+        let (stream, _) = self.accept().await?;
+        // Requests are small and latency-bound; never wait to coalesce them.
+        stream.set_nodelay(true)?;
+        Ok(stream.into_split())
+    }
+}
+
+/// Accepts connections until shutdown begins.
+async fn accept_loop<L: Listener>(
+    listener: L,
     daemon: Arc<Daemon>,
     tracker: TaskTracker,
     limit: Arc<Semaphore>,
@@ -247,15 +254,10 @@ async fn accept_tcp(
     loop {
         let accepted = tokio::select! {
             _ = daemon.shutdown.cancelled() => return,
-            accepted = listener.accept() => accepted,
+            accepted = listener.accept_split() => accepted,
         };
         match accepted {
-            Ok((stream, _)) => {
-                // Requests are small and latency-bound; never wait to coalesce them.
-                let _ = stream.set_nodelay(true);
-                let (r, w) = stream.into_split();
-                start_connection(&daemon, &tracker, &limit, &ids, r, w);
-            }
+            Ok((r, w)) => start_connection(&daemon, &tracker, &limit, &ids, r, w),
             Err(e) => accept_failed(e).await,
         }
     }
@@ -275,8 +277,8 @@ fn start_connection<R, W>(
     reader: R,
     mut writer: W,
 ) where
-    R: tokio::io::AsyncRead + Unpin + Send + 'static,
-    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
 {
     let daemon = daemon.clone();
     let Ok(permit) = limit.clone().try_acquire_owned() else {

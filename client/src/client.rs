@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
 use crate::frame::{push_frame, take_frame};
-use crate::proto::{Args, CommandName, Request, Response, MAX_FRAME_LEN, PROTOCOL_VERSION};
+use crate::proto::{Args, CommandName, Fence, Request, Response, MAX_FRAME_LEN, PROTOCOL_VERSION};
 
 /// Where the daemon listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -147,19 +147,37 @@ impl Client {
 
     /// Stores `value` under `key`. `ttl` of `None` takes the daemon's CACHE_TTL; `Some(ZERO)` never expires.
     pub async fn set(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> Result<()> {
+        self.set_with(key, value, ttl, None).await
+    }
+
+    /// Removes `key`; true when it was there.
+    pub async fn del(&self, key: &str) -> Result<bool> {
+        self.del_with(key, None).await
+    }
+
+    /// SET, fenced or not.
+    pub(crate) async fn set_with(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+        fence: Option<&Fence>,
+    ) -> Result<()> {
         let args = Args {
             key: Some(key.to_string()),
             value: Some(value.to_vec()),
             ttl_ms: ttl.map(|t| t.as_millis() as u64),
+            fence: fence.cloned(),
             ..Args::default()
         };
         self.call(CommandName::Set, args).await.map(drop)
     }
 
-    /// Removes `key`; true when it was there.
-    pub async fn del(&self, key: &str) -> Result<bool> {
+    /// DEL, fenced or not.
+    pub(crate) async fn del_with(&self, key: &str, fence: Option<&Fence>) -> Result<bool> {
         let args = Args {
             key: Some(key.to_string()),
+            fence: fence.cloned(),
             ..Args::default()
         };
         match self.call(CommandName::Del, args).await? {

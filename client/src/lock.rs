@@ -181,27 +181,12 @@ impl Client {
         ttl: Option<Duration>,
         fence: &Fence,
     ) -> Result<()> {
-        let args = Args {
-            key: Some(key.to_string()),
-            value: Some(value.to_vec()),
-            ttl_ms: ttl.map(|t| t.as_millis() as u64),
-            fence: Some(fence.clone()),
-            ..Args::default()
-        };
-        self.call(CommandName::Set, args).await.map(drop)
+        self.set_with(key, value, ttl, Some(fence)).await
     }
 
     /// DEL, refused with [`Error::Fenced`] unless `fence` is still the newest grant on its lock.
     pub async fn del_fenced(&self, key: &str, fence: &Fence) -> Result<bool> {
-        let args = Args {
-            key: Some(key.to_string()),
-            fence: Some(fence.clone()),
-            ..Args::default()
-        };
-        match self.call(CommandName::Del, args).await? {
-            rmpv::Value::Boolean(b) => Ok(b),
-            other => Err(Error::Protocol(format!("DEL answered {other}"))),
-        }
+        self.del_with(key, Some(fence)).await
     }
 
     /// The LOCKS listing: one map per held lock.
