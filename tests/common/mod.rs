@@ -19,10 +19,23 @@ pub const STARTUP_LIMIT: Duration = Duration::from_secs(20);
 
 /// Environment variables the daemon reads, cleared so the caller's environment cannot change a test.
 const DAEMON_ENV: &[&str] = &[
-    "SCALED_SOCKET", "SCALED_SOCKET_MODE", "SCALED_TCP", "SCALED_TCP_ALLOW_REMOTE", "CACHE_SIZE",
-    "CACHE_MAX_BYTES", "CACHE_TTL", "CACHE_SHARDS", "LOCK_TIMEOUT", "LOCK_RETRY_DELAY",
-    "LOCK_MAX_RETRIES", "REDIS_URL", "REDIS_MAX_CONNECTIONS", "SCALED_MAX_CONNECTIONS",
-    "SCALED_MAX_IN_FLIGHT", "SCALED_SHUTDOWN_TIMEOUT", "SCALED_LOG",
+    "SCALED_SOCKET",
+    "SCALED_SOCKET_MODE",
+    "SCALED_TCP",
+    "SCALED_TCP_ALLOW_REMOTE",
+    "CACHE_SIZE",
+    "CACHE_MAX_BYTES",
+    "CACHE_TTL",
+    "CACHE_SHARDS",
+    "LOCK_TIMEOUT",
+    "LOCK_RETRY_DELAY",
+    "LOCK_MAX_RETRIES",
+    "REDIS_URL",
+    "REDIS_MAX_CONNECTIONS",
+    "SCALED_MAX_CONNECTIONS",
+    "SCALED_MAX_IN_FLIGHT",
+    "SCALED_SHUTDOWN_TIMEOUT",
+    "SCALED_LOG",
 ];
 
 /// A running daemon, killed when dropped.
@@ -56,21 +69,31 @@ impl TestDaemon {
     fn wait_until_serving(&self) {
         let deadline = Instant::now() + STARTUP_LIMIT;
         while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
-            assert!(Instant::now() < deadline, "scaled did not start serving {:?}", self.socket);
+            assert!(
+                Instant::now() < deadline,
+                "scaled did not start serving {:?}",
+                self.socket
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
 
     /// A client on the daemon's socket.
     pub async fn client(&self) -> Client {
-        Client::connect(Endpoint::Unix(self.socket.clone()), "test").await.expect("connect")
+        Client::connect(Endpoint::Unix(self.socket.clone()), "test")
+            .await
+            .expect("connect")
     }
 
     /// A raw connection that has already said HELLO.
     pub async fn raw(&self) -> RawConn {
         let mut conn = self.raw_without_hello().await;
         let hello = Request {
-            args: Args { version: Some(PROTOCOL_VERSION), client: Some("raw".into()), ..Args::default() },
+            args: Args {
+                version: Some(PROTOCOL_VERSION),
+                client: Some("raw".into()),
+                ..Args::default()
+            },
             ..Request::new(0, CommandName::Hello)
         };
         conn.send(&hello.to_msgpack()).await;
@@ -82,7 +105,10 @@ impl TestDaemon {
     /// A raw connection, nothing sent yet.
     pub async fn raw_without_hello(&self) -> RawConn {
         let stream = UnixStream::connect(&self.socket).await.expect("connect");
-        RawConn { stream, buf: BytesMut::new() }
+        RawConn {
+            stream,
+            buf: BytesMut::new(),
+        }
     }
 
     /// Sends a signal to the daemon.
@@ -102,7 +128,10 @@ impl TestDaemon {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "scaled did not exit within {limit:?}");
+            assert!(
+                Instant::now() < deadline,
+                "scaled did not exit within {limit:?}"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
