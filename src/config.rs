@@ -76,8 +76,8 @@ pub struct Config {
     #[arg(long, env = "SCALED_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
 
-    /// Most requests in flight on one connection; past it the daemon stops reading that connection
-    /// until some finish (backpressure, not an error).
+    /// Most requests waiting to finish on one connection (queued LOCKs, delayed PINGs); one more is
+    /// answered OVERLOADED. Requests answered at once never count.
     #[arg(long, env = "SCALED_MAX_IN_FLIGHT", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_in_flight: u64,
 

@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use scaled_client::frame::{begin_frame, finish_frame, take_frame, LEN_PREFIX};
+use scaled_client::frame::{begin_frame, finish_frame, take_frame};
 use scaled_client::proto::{
     decode_request, write_err, write_ok_key, write_response_head, ErrorCode, MAX_FRAME_LEN,
 };
@@ -27,11 +27,6 @@ use crate::daemon::Daemon;
 
 /// Read buffer size to start with; grows to fit a large frame.
 const READ_BUF: usize = 16 * 1024;
-
-/// Most unprocessed input a connection buffers while it is at its in-flight limit: one largest frame.
-/// Reading on up to here, rather than stopping at the limit, is what lets the daemon see a client
-/// close (and release its locks) even while the client has its whole allowance in flight.
-const READ_LIMIT: usize = LEN_PREFIX + MAX_FRAME_LEN;
 
 /// Serves one connection until the peer closes it, it breaks, or shutdown drains it.
 pub async fn serve<R, W>(daemon: Arc<Daemon>, conn_id: u64, mut reader: R, mut writer: W)
@@ -61,25 +56,17 @@ where
                 if let Ok((ctx, result)) = joined {
                     respond(&daemon, &mut out, &ctx, &result);
                 }
-                // A place in flight came free: run what was held back at the limit.
-                if reading {
-                    let ok = drain_frames(&daemon, &mut peer, &mut inbuf, &mut out, &mut waiting, max_in_flight);
-                    if !ok {
-                        close_after_write = true;
-                        reading = false;
-                        waiting.abort_all();
-                    }
-                }
             }
             _ = daemon.shutdown.cancelled(), if reading => {
                 reading = false;
             }
-            read = reader.read_buf(&mut inbuf), if reading && inbuf.len() < READ_LIMIT => {
+            // Reading never pauses for requests in flight: that is how the daemon sees a client
+            // close (and frees its locks) at once, and how a holder's UNLOCK is read even while
+            // its connection has many LOCKs waiting.
+            read = reader.read_buf(&mut inbuf), if reading => {
                 match read {
                     Ok(0) => {
-                        // Frames held back at the in-flight limit are cancelled with the rest; only
-                        // a partial frame is worth telling the peer about.
-                        if !inbuf.is_empty() && !holds_complete_frame(&inbuf) {
+                        if !inbuf.is_empty() {
                             let message = format!(
                                 "stream ended {} bytes into a frame", inbuf.len()
                             );
@@ -90,8 +77,8 @@ where
                         reading = false;
                     }
                     Ok(_) => {
-                        let ok = drain_frames(&daemon, &mut peer, &mut inbuf, &mut out, &mut waiting, max_in_flight);
-                        if !ok {
+                        let waits = (&mut waiting, max_in_flight);
+                        if !drain_frames(&daemon, &mut peer, &mut inbuf, &mut out, waits) {
                             close_after_write = true;
                             reading = false;
                             waiting.abort_all();
@@ -136,24 +123,18 @@ impl Drop for Departure<'_> {
     }
 }
 
-/// Whether `buf` starts with a whole frame (of any length).
-fn holds_complete_frame(buf: &[u8]) -> bool {
-    buf.len() >= LEN_PREFIX
-        && buf.len() - LEN_PREFIX >= u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize
-}
-
-/// Runs the complete frames in `inbuf`, stopping while `max_in_flight` requests are waiting; the rest
-/// stay buffered until a place comes free. Returns false when a frame's length prefix is over the
-/// limit: the stream cannot be trusted past it, so the connection is closed after the answer.
+/// Runs every complete frame in `inbuf`. A request that would wait while `max_in_flight` requests of
+/// this connection already wait is answered `OVERLOADED` instead, which bounds what one connection
+/// can park in the daemon. Returns false when a frame's length prefix is over the limit: the stream
+/// cannot be trusted past it, so the connection is closed after the answer.
 fn drain_frames(
     daemon: &Arc<Daemon>,
     peer: &mut Peer,
     inbuf: &mut BytesMut,
     out: &mut Vec<u8>,
-    waiting: &mut JoinSet<(RequestContext, CommandResult)>,
-    max_in_flight: usize,
+    (waiting, max_in_flight): (&mut JoinSet<(RequestContext, CommandResult)>, usize),
 ) -> bool {
-    while waiting.len() < max_in_flight {
+    loop {
         let body = match take_frame(inbuf, MAX_FRAME_LEN) {
             Ok(Some(body)) => body,
             Ok(None) => return true,
@@ -191,13 +172,25 @@ fn drain_frames(
         };
         match outcome {
             Outcome::Done(result) => respond(daemon, out, &ctx, &result),
+            Outcome::Later(_) if waiting.len() >= max_in_flight => {
+                // Dropping the future undoes it: a queued LOCK leaves its queue.
+                let message = format!(
+                    "{max_in_flight} requests of this connection are already waiting; \
+                     retry when some finish, or use another connection"
+                );
+                respond(
+                    daemon,
+                    out,
+                    &ctx,
+                    &Err(CommandError::new(ErrorCode::Overloaded, message)),
+                );
+            }
             Outcome::Later(pending) => {
                 let span = ctx.span.clone();
                 waiting.spawn(async move { (ctx, pending.await) }.instrument(span));
             }
         }
     }
-    true
 }
 
 /// Appends the response to one request, and files its time with the meter.

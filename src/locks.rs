@@ -291,6 +291,8 @@ impl LockTable {
         st.counters.contended += 1;
         if req.try_only {
             st.counters.refused += 1;
+            // Expiring the old holder above may have granted a waiter, with a deadline to watch.
+            self.unlock_and_wake(st);
             return Acquire::Busy;
         }
         st.next_ticket += 1;
@@ -310,6 +312,7 @@ impl LockTable {
             entry.queue.push_back(waiter);
             st.waiting += 1;
         }
+        self.unlock_and_wake(st);
         Acquire::Queued(WaitTicket {
             table: self.clone(),
             key,

@@ -1,5 +1,5 @@
-//! A connection at its in-flight limit: further requests wait their turn (backpressure, not an error),
-//! and closing it still releases its locks at once.
+//! A connection at its in-flight limit: one more request that would wait is answered OVERLOADED, while
+//! requests answered at once (an UNLOCK among them) still run, and closing it releases its locks at once.
 
 mod common;
 
@@ -20,16 +20,58 @@ fn delayed_ping(id: u64, ms: u64) -> Request {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_past_the_limit_wait_for_a_free_place() {
+async fn a_wait_past_the_limit_is_overloaded_and_quick_requests_still_run() {
     let daemon = TestDaemon::start(&["--max-in-flight", "1"]);
     let mut conn = daemon.raw().await;
     conn.request(&delayed_ping(10, 300)).await;
-    conn.request(&Request::new(11, CommandName::Ping)).await;
-    // With one place in flight, the fast PING is not even read until the slow one is answered.
-    let first = conn.recv().await.expect("first answer");
-    let second = conn.recv().await.expect("second answer");
-    assert_eq!((first.id, second.id), (10, 11));
-    assert!(first.err.is_none() && second.err.is_none());
+    conn.request(&delayed_ping(11, 300)).await;
+    conn.request(&Request::new(12, CommandName::Ping)).await;
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        answers.push(conn.recv().await.expect("an answer"));
+    }
+    // The second wait is refused at once; the quick PING is answered; the first wait finishes last.
+    assert_eq!(answers[0].id, 11);
+    let refused = answers[0].err.as_ref().expect("the second wait is refused");
+    assert_eq!(refused.code, "OVERLOADED");
+    assert_eq!((answers[1].id, answers[2].id), (12, 10));
+    assert!(answers[1].err.is_none() && answers[2].err.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_can_unlock_while_its_connection_has_locks_waiting() {
+    let daemon = TestDaemon::start(&["--max-in-flight", "2"]);
+    let client = daemon.client().await;
+    let held = client
+        .lock("session:9", LockOptions::default())
+        .await
+        .expect("LOCK");
+    let options = LockOptions {
+        wait: Some(Duration::from_secs(20)),
+        ..LockOptions::default()
+    };
+    let (a, b) = (client.clone(), client.clone());
+    let (oa, ob) = (options.clone(), options.clone());
+    let first = tokio::spawn(async move { a.lock("session:9", oa).await.map(|g| g.fence()) });
+    let second = tokio::spawn(async move { b.lock("session:9", ob).await.map(|g| g.fence()) });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.stats().await.expect("STATS")["locks"]["waiters"].as_u64() != Some(2) {
+        assert!(Instant::now() < deadline, "the two LOCKs never queued");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The connection is at its limit of two waiting requests; the UNLOCK must still be read.
+    let status = tokio::time::timeout(Duration::from_secs(10), held.unlock())
+        .await
+        .expect("UNLOCK was stuck behind the connection's own waiting LOCKs")
+        .expect("UNLOCK");
+    assert_eq!(status, scaled_client::LockStatus::Ok);
+    let fence = tokio::time::timeout(Duration::from_secs(10), first)
+        .await
+        .expect("the first waiter was not granted")
+        .expect("task")
+        .expect("LOCK");
+    assert!(fence > 0);
+    drop(second);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -48,7 +90,7 @@ async fn a_client_closing_at_its_limit_still_releases_its_locks() {
     holder.request(&lock).await;
     let grant = holder.recv().await.expect("grant");
     assert!(grant.err.is_none(), "LOCK failed: {:?}", grant.err);
-    // Fill the holder's allowance with slow requests, and queue more behind them.
+    // Fill the holder's allowance with slow requests (the ones past it are refused OVERLOADED).
     for id in 2..6 {
         holder.request(&delayed_ping(id, 30_000)).await;
     }

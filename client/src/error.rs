@@ -26,7 +26,8 @@ pub enum Error {
     /// `TOO_LARGE`: a key or value is over its limit.
     #[error("TOO_LARGE: {0}")]
     TooLarge(String),
-    /// `OVERLOADED`: the daemon is at its connection limit.
+    /// `OVERLOADED`: the daemon is at its connection limit, or this connection has the most waiting
+    /// requests allowed (SCALED_MAX_IN_FLIGHT); retry later or on another connection.
     #[error("OVERLOADED: {0}")]
     Overloaded(String),
     /// `SHUTTING_DOWN`: the daemon is stopping.

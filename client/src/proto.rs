@@ -264,7 +264,9 @@ pub enum ErrorCode {
     BadArgument,
     /// A key or value is over its size limit.
     TooLarge,
-    /// The daemon is at its connection limit; it closes the connection after this answer.
+    /// The daemon is at its connection limit (id 0, and the connection is closed), or the request
+    /// would wait while its connection already has the most waiting requests allowed (the request's
+    /// id; the request had no effect).
     Overloaded,
     /// The daemon is shutting down and takes no new work.
     ShuttingDown,
