@@ -81,6 +81,11 @@ pub struct Config {
     #[arg(long, env = "SCALED_MAX_IN_FLIGHT", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_in_flight: u64,
 
+    /// Threads serving requests. One serves hundreds of thousands of requests per second and leaves
+    /// the host's other cores to the app servers; raise it where cores sit idle. 0 = one per core.
+    #[arg(long, env = "SCALED_WORKER_THREADS", default_value_t = 1)]
+    pub worker_threads: usize,
+
     /// Seconds to let requests in flight finish after SIGTERM or SIGINT before closing anyway.
     #[arg(long, env = "SCALED_SHUTDOWN_TIMEOUT", default_value = "10", value_parser = parse_secs)]
     pub shutdown_timeout: f64,

@@ -47,6 +47,9 @@ where
     // Reading stops at end of stream, at shutdown, or after a frame that breaks the stream.
     let mut reading = true;
     let mut close_after_write = false;
+    // Made once: a fresh future per pass would register and unregister with the token every request.
+    let shutdown = daemon.shutdown.cancelled();
+    tokio::pin!(shutdown);
 
     loop {
         tokio::select! {
@@ -57,7 +60,7 @@ where
                     respond(&daemon, &mut out, &ctx, &result);
                 }
             }
-            _ = daemon.shutdown.cancelled(), if reading => {
+            _ = &mut shutdown, if reading => {
                 reading = false;
             }
             // Reading never pauses for requests in flight: that is how the daemon sees a client

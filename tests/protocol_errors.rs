@@ -193,9 +193,12 @@ async fn undecodable_bodies_are_malformed_and_the_connection_goes_on() {
     // An empty frame.
     conn.send(&[]).await;
     assert_err(conn.recv().await, 0, "MALFORMED");
-    // A map cut short inside the frame.
+    // A map cut short inside the frame: its id was readable, so the answer carries it.
     let whole = map(vec![("id", 12.into()), ("cmd", "PING".into())]);
     conn.send(&whole[..whole.len() - 2]).await;
+    assert_err(conn.recv().await, 12, "MALFORMED");
+    // Cut short before the id was complete: id 0.
+    conn.send(&whole[..4]).await;
     assert_err(conn.recv().await, 0, "MALFORMED");
 
     // None of that broke the connection. Unknown members are ignored, and any integer width is read,

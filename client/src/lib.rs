@@ -19,6 +19,7 @@
 #![deny(missing_docs)]
 
 mod client;
+mod decode;
 mod error;
 pub mod frame;
 mod lock;

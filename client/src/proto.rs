@@ -23,7 +23,6 @@ pub const MAX_VALUE_LEN: usize = 1024 * 1024;
 pub const MAX_PING_DELAY_MS: u64 = 60_000;
 
 /// The commands of the protocol. On the wire each is its upper-case name as a MessagePack str.
-/// Deserialized by hand (below) so that only a str names a command.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum CommandName {
@@ -90,28 +89,9 @@ impl fmt::Display for CommandName {
     }
 }
 
-/// Only a str names a command: a derived enum would also take an integer as the index of a variant
-/// (so `cmd: 3` ran SET) or a one-entry map, neither of which the protocol allows.
-impl<'de> Deserialize<'de> for CommandName {
-    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<CommandName, D::Error> {
-        struct Name;
-        impl serde::de::Visitor<'_> for Name {
-            type Value = CommandName;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a command name as a string")
-            }
-            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<CommandName, E> {
-                let known = CommandName::ALL.into_iter().find(|c| c.as_str() == name);
-                Ok(known.unwrap_or(CommandName::Unknown))
-            }
-        }
-        de.deserialize_str(Name)
-    }
-}
-
 /// A fence on a write: the write is refused with `FENCED` unless `token` is the newest fencing token
 /// granted on the lock `lock`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Fence {
     /// The lock key whose grants fence this write.
     pub lock: String,
@@ -121,7 +101,8 @@ pub struct Fence {
 
 /// The arguments of every command, as one map whose fields are all optional. Each command reads the
 /// fields it needs and ignores the rest, so a newer client can send fields an older daemon does not know.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// Encoded with serde; the daemon decodes it with the protocol's own stricter reader.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Args {
     /// HELLO: the protocol version the client speaks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -165,18 +146,14 @@ impl Args {
 }
 
 /// The request envelope: one MessagePack map per frame.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Request {
     /// Chosen by the client and echoed in the response; lets many requests share a connection.
     pub id: u64,
     /// Which command to run.
     pub cmd: CommandName,
     /// The command's arguments; may be omitted when empty.
-    #[serde(
-        default,
-        deserialize_with = "map_only",
-        skip_serializing_if = "Args::is_empty"
-    )]
+    #[serde(skip_serializing_if = "Args::is_empty")]
     pub args: Args,
     /// The app's session this request belongs to, carried into the daemon's logs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -205,46 +182,10 @@ impl Request {
     }
 }
 
-/// What a frame that does not decode as a [`Request`] still tells us: its id, when it has a readable one.
-#[derive(Deserialize)]
-struct IdOnly {
-    id: u64,
-}
-
 /// Decodes a frame body into a request. On failure it returns the id, if one could be read, so the
 /// error can still be matched to its caller, and a message saying what was wrong.
 pub fn decode_request(body: &[u8]) -> Result<Request, (u64, String)> {
-    let mut rest = body;
-    let mut de = rmp_serde::Deserializer::new(&mut rest);
-    match map_only::<_, Request>(&mut de) {
-        Ok(req) if rest.is_empty() => Ok(req),
-        Ok(req) => Err((
-            req.id,
-            format!("{} bytes after the request map", rest.len()),
-        )),
-        Err(e) => {
-            let id = map_only::<_, IdOnly>(&mut rmp_serde::Deserializer::new(body))
-                .map(|i| i.id)
-                .unwrap_or(0);
-            Err((id, format!("not a request envelope: {e}")))
-        }
-    }
-}
-
-/// Reads a `T` only from a MessagePack map. Left to itself rmp_serde also reads a struct from an array
-/// of its fields in declaration order, which the protocol does not allow: "not a map" is MALFORMED.
-fn map_only<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(de: D) -> Result<T, D::Error> {
-    struct MapOnly<T>(std::marker::PhantomData<T>);
-    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for MapOnly<T> {
-        type Value = T;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a map")
-        }
-        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
-            T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
-        }
-    }
-    de.deserialize_map(MapOnly(std::marker::PhantomData))
+    crate::decode::request(body).map_err(|e| (crate::decode::id_of(body), e.to_string()))
 }
 
 /// The closed list of error codes a response may carry. On the wire each is its upper-case name.
