@@ -401,7 +401,7 @@ impl LockTable {
             .entries
             .get(lock)
             .map_or(st.fence_floor, |e| e.last_fence);
-        // Tokens start at 1, so 0 is never a grant, even on a lock never taken.
+        // No grant is ever 0, so a fence of 0 is refused even on a lock never taken.
         if token == 0 || token != newest {
             return Err(Fenced {
                 lock: lock.to_string(),
