@@ -110,6 +110,17 @@ impl LockGuard {
     }
 }
 
+impl std::fmt::Debug for LockGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LockGuard")
+            .field("key", &self.key)
+            .field("fence", &self.fence)
+            .field("ttl", &self.ttl)
+            .field("released", &self.released)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Drop for LockGuard {
     fn drop(&mut self) {
         if self.released {
