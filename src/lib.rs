@@ -4,13 +4,16 @@
 //! The map of the house, in the order a request travels:
 //!
 //! - protocol: [`scaled_client::proto`] and [`scaled_client::frame`] (shared with the client crate)
-//!   define frames, envelopes and error codes; `proto-spec.md` says the same byte for byte.
+//!   define frames, envelopes, error codes and the request decoder; `proto-spec.md` says the same
+//!   byte for byte.
 //! - [`server`]: binds the Unix socket (and optional loopback TCP), accepts connections under a limit,
 //!   runs background upkeep, and drains on shutdown.
 //! - [`connection`]: one client connection; reads frames, decodes requests, writes answers as they finish.
 //! - [`context`]: the per-request context (UUID request_id, session_id, user_id, clock, tracing span).
 //! - [`cmd`]: one file per command; [`cmd::dispatch`] decides what a request does.
 //! - [`cache`]: the sharded LRU with per-entry TTL. It knows nothing of sockets.
+//! - [`locks`]: the lock table: FIFO queues, fencing tokens, leases, release when a connection ends.
+//!   It knows a connection only as a number and a cancellation token.
 //! - [`meter`]: response times and rates over a sliding 60-second window.
 //! - [`daemon`]: the shared state the connections hold.
 //! - [`config`]: every setting, as a flag and an environment variable.
