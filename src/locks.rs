@@ -6,7 +6,7 @@
 //! - a key with no holder has no waiters: a release hands the lock straight to the first live waiter,
 //!   so nobody polls and nobody can barge in front of the queue;
 //! - every grant takes a fencing token from one counter that only grows, so tokens strictly increase
-//!   for every key; an entry remembers its newest token while it is kept, and [`State::fence_floor`]
+//!   for every key; an entry remembers its newest token while it is kept, and the table's fence floor
 //!   covers entries that were pruned;
 //! - a holder's lease deadline is in `deadlines` exactly while it holds, and its key is in `held_by`
 //!   under its connection exactly while it holds;
