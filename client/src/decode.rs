@@ -82,6 +82,19 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// The length of a str or bin whose 8-, 16- and 32-bit length markers are `markers`, if one of them
+    /// is next (marker and length are consumed); `None` leaves the next value unread.
+    fn prefixed_len(&mut self, markers: [u8; 3]) -> Result<Option<usize>, Malformed> {
+        let Some(width) = self
+            .peek()
+            .and_then(|m| markers.iter().position(|&k| k == m))
+        else {
+            return Ok(None);
+        };
+        self.byte()?;
+        Ok(Some(self.be(1 << width)? as usize))
+    }
+
     /// A str, or `None` when the next value is some other type (which is left unread).
     fn str_if_str(&mut self) -> Result<Option<&'a str>, Malformed> {
         let len = match self.peek() {
@@ -89,19 +102,10 @@ impl<'a> Reader<'a> {
                 self.byte()?;
                 usize::from(m & 0x1f)
             }
-            Some(0xd9) => {
-                self.byte()?;
-                self.be(1)? as usize
-            }
-            Some(0xda) => {
-                self.byte()?;
-                self.be(2)? as usize
-            }
-            Some(0xdb) => {
-                self.byte()?;
-                self.be(4)? as usize
-            }
-            _ => return Ok(None),
+            _ => match self.prefixed_len([0xd9, 0xda, 0xdb])? {
+                Some(len) => len,
+                None => return Ok(None),
+            },
         };
         let bytes = self.take(len)?;
         std::str::from_utf8(bytes)
@@ -118,22 +122,10 @@ impl<'a> Reader<'a> {
 
     /// A bin, or a str taken as its UTF-8 bytes.
     fn bytes(&mut self, field: &str) -> Result<&'a [u8], Malformed> {
-        let len = match self.peek() {
-            Some(0xc4) => {
-                self.byte()?;
-                self.be(1)? as usize
-            }
-            Some(0xc5) => {
-                self.byte()?;
-                self.be(2)? as usize
-            }
-            Some(0xc6) => {
-                self.byte()?;
-                self.be(4)? as usize
-            }
-            _ => return self.str(field).map(str::as_bytes),
-        };
-        self.take(len)
+        match self.prefixed_len([0xc4, 0xc5, 0xc6])? {
+            Some(len) => self.take(len),
+            None => self.str(field).map(str::as_bytes),
+        }
     }
 
     /// A non-negative integer of any width.
