@@ -219,7 +219,7 @@ fn respond(daemon: &Daemon, out: &mut Vec<u8>, ctx: &RequestContext, result: &Co
 }
 
 /// Appends an error that belongs to no request (id 0): a broken stream rather than a bad request.
-fn respond_unmatched(out: &mut Vec<u8>, code: ErrorCode, message: &str) {
+pub(crate) fn respond_unmatched(out: &mut Vec<u8>, code: ErrorCode, message: &str) {
     let mut id_text = [0u8; 36];
     let request_id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut id_text);
     let start = begin_frame(out);

@@ -20,8 +20,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-use scaled_client::frame::{begin_frame, finish_frame};
-use scaled_client::proto::{write_err, write_response_head, ErrorCode};
+use scaled_client::proto::ErrorCode;
 
 use crate::config::Config;
 use crate::connection;
@@ -285,14 +284,11 @@ fn start_connection<R, W>(
         daemon.connections.refused();
         tracker.spawn(async move {
             let mut out = Vec::new();
-            let start = begin_frame(&mut out);
-            write_response_head(&mut out, 0, &uuid::Uuid::new_v4().to_string(), 0);
-            write_err(
+            connection::respond_unmatched(
                 &mut out,
                 ErrorCode::Overloaded,
                 "connection limit reached; try again later",
             );
-            finish_frame(&mut out, start);
             let _ = writer.write_all(&out).await;
             let _ = writer.shutdown().await;
         });
