@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
 use crate::frame::{push_frame, take_frame};
+use crate::lock::field;
 use crate::proto::{Args, CommandName, Fence, Request, Response, MAX_FRAME_LEN, PROTOCOL_VERSION};
 
 /// Where the daemon listens.
@@ -397,11 +398,7 @@ async fn read_loop(
 
 /// The owner token in a LOCK grant, if the response is one.
 fn grant_token(response: &Response) -> Option<String> {
-    response.ok.as_map()?.iter().find_map(|(k, v)| {
-        (k.as_str() == Some("token"))
-            .then(|| v.as_str().map(str::to_string))
-            .flatten()
-    })
+    field(&response.ok, "token")?.as_str().map(str::to_string)
 }
 
 /// Writes queued frames, batching whatever is already queued into one write.

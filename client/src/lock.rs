@@ -48,7 +48,8 @@ impl LockStatus {
     }
 }
 
-fn field<'a>(value: &'a rmpv::Value, name: &str) -> Option<&'a rmpv::Value> {
+/// The member `name` of a map-shaped value.
+pub(crate) fn field<'a>(value: &'a rmpv::Value, name: &str) -> Option<&'a rmpv::Value> {
     value
         .as_map()?
         .iter()
