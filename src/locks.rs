@@ -413,8 +413,8 @@ impl LockTable {
     }
 
     /// Expires every lease due by `now`, renews auto-renew leases, prunes old idle records, and returns
-    /// the next deadline.
-    pub fn expire_due(&self, now: Instant) -> Option<Instant> {
+    /// when to look again: the next deadline, or `IDLE_TICK` from now if that is sooner.
+    pub fn expire_due(&self, now: Instant) -> Instant {
         let mut st = self.state.lock();
         while st
             .deadlines
@@ -431,14 +431,13 @@ impl LockTable {
         let wake_at = next.map_or(now + IDLE_TICK, |at| at.min(now + IDLE_TICK));
         st.wake_at = Some(wake_at);
         st.wake_needed = false;
-        Some(wake_at)
+        wake_at
     }
 
     /// Keeps leases expiring on time until `shutdown` is cancelled.
     pub async fn run_expiry(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
-            let now = Instant::now();
-            let next = self.expire_due(now).unwrap_or(now + IDLE_TICK);
+            let next = self.expire_due(Instant::now());
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep_until(next) => {}
