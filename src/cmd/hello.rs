@@ -31,7 +31,7 @@ pub fn run(peer: &mut Peer, args: Args) -> CommandResult {
     let name = args.client.unwrap_or_default();
     tracing::debug!(conn = peer.conn_id, client = %name, "hello");
     peer.owner = std::sync::Arc::from(format!("{name}#{}", peer.conn_id));
-    peer.client_name = Some(name);
+    peer.greeted = true;
     Reply::encode(&Welcome {
         version: PROTOCOL_VERSION,
         server: concat!("scaled ", env!("CARGO_PKG_VERSION")),

@@ -115,8 +115,8 @@ impl From<CommandResult> for Outcome {
 pub struct Peer {
     /// Unique for the daemon's lifetime; owns the locks taken on this connection.
     pub conn_id: u64,
-    /// The name the client gave in HELLO; `None` until HELLO succeeds.
-    pub client_name: Option<String>,
+    /// Whether HELLO has succeeded; until it has, every other command is refused.
+    pub greeted: bool,
     /// "name#conn", shown as the owner of the locks this connection takes.
     pub owner: Arc<str>,
     /// Cancelled when the connection closes, so none of its queued LOCKs can be granted after.
@@ -128,7 +128,7 @@ impl Peer {
     pub fn new(conn_id: u64) -> Peer {
         Peer {
             conn_id,
-            client_name: None,
+            greeted: false,
             owner: Arc::from(format!("#{conn_id}")),
             alive: CancellationToken::new(),
         }
@@ -137,7 +137,7 @@ impl Peer {
 
 /// Runs one decoded request.
 pub fn dispatch(daemon: &Arc<Daemon>, peer: &mut Peer, request: Request, now: Instant) -> Outcome {
-    if peer.client_name.is_none() && request.cmd != CommandName::Hello {
+    if !peer.greeted && request.cmd != CommandName::Hello {
         return Outcome::Done(Err(CommandError::new(
             ErrorCode::HelloRequired,
             "send HELLO with the protocol version before any other command",
