@@ -38,8 +38,10 @@ pub struct Config {
     #[arg(long, env = "CACHE_SIZE", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub cache_size: u64,
 
-    /// Most bytes of keys plus values the cache holds; 0 = bounded by CACHE_SIZE only.
-    #[arg(long, env = "CACHE_MAX_BYTES", default_value_t = 0)]
+    /// Most bytes of keys plus values the cache holds; 0 = bounded by CACHE_SIZE only. The default,
+    /// 256 MiB, holds the default 10 000 entries at up to 26 KiB each, while 10 000 values of the
+    /// largest size (1 MiB) could not take 10 GiB of the host's memory.
+    #[arg(long, env = "CACHE_MAX_BYTES", default_value_t = 256 << 20)]
     pub cache_max_bytes: u64,
 
     /// TTL in seconds for a SET that gives none; 0 = such entries never expire.
@@ -81,6 +83,36 @@ pub struct Config {
     #[arg(long, env = "SCALED_MAX_IN_FLIGHT", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_in_flight: u64,
 
+    /// Most requests waiting to finish across all connections together; one more is answered
+    /// OVERLOADED. Bounds what SCALED_MAX_IN_FLIGHT times the connections could otherwise park.
+    #[arg(long, env = "SCALED_MAX_WAITING", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_waiting: u64,
+
+    /// Bytes of connection buffers, across all connections, beyond each connection's 16 KiB for
+    /// reading and 16 KiB for answers: large frames being read and large answers not yet written.
+    /// A frame that does not fit is refused OVERLOADED (connection closed); an answer that does not
+    /// fit is replaced by OVERLOADED.
+    #[arg(long, env = "SCALED_MAX_BUFFER_BYTES", default_value_t = 256 << 20, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_buffer_bytes: u64,
+
+    /// Seconds a new connection has to complete HELLO; 0 = no limit.
+    #[arg(long, env = "SCALED_HELLO_TIMEOUT", default_value = "10", value_parser = parse_secs)]
+    pub hello_timeout: f64,
+
+    /// Seconds a client has to finish sending a frame it has begun; 0 = no limit.
+    #[arg(long, env = "SCALED_FRAME_TIMEOUT", default_value = "30", value_parser = parse_secs)]
+    pub frame_timeout: f64,
+
+    /// Seconds the daemon waits for a client to read its answers before closing the connection;
+    /// 0 = no limit.
+    #[arg(long, env = "SCALED_WRITE_TIMEOUT", default_value = "30", value_parser = parse_secs)]
+    pub write_timeout: f64,
+
+    /// Seconds a connection may sit with nothing to do (no request, nothing waiting, no lock held)
+    /// before it is closed; 0 = never. Pooled connections that are used every few minutes stay.
+    #[arg(long, env = "SCALED_IDLE_TIMEOUT", default_value = "600", value_parser = parse_secs)]
+    pub idle_timeout: f64,
+
     /// Threads serving requests. One serves hundreds of thousands of requests per second and leaves
     /// the host's other cores to the app servers; raise it where cores sit idle. 0 = one per core.
     #[arg(long, env = "SCALED_WORKER_THREADS", default_value_t = 1)]
@@ -114,6 +146,11 @@ impl Config {
     /// How long a LOCK waits when it does not say: LOCK_RETRY_DELAY × LOCK_MAX_RETRIES, as in the seed.
     pub fn default_lock_wait(&self) -> Duration {
         Duration::from_secs_f64(self.lock_retry_delay * f64::from(self.lock_max_retries))
+    }
+
+    /// A timeout setting as a duration; `None` when it is 0 (no limit).
+    pub fn timeout(secs: f64) -> Option<Duration> {
+        (secs > 0.0).then(|| Duration::from_secs_f64(secs))
     }
 
     /// The shutdown grace period.
@@ -168,6 +205,12 @@ mod tests {
         assert_eq!(c.default_lock_wait(), Duration::from_secs(5));
         assert_eq!(c.socket, PathBuf::from(DEFAULT_SOCKET));
         assert_eq!(c.socket_mode, 0o660);
+        assert_eq!(c.cache_max_bytes, 256 << 20);
+        assert_eq!(
+            Config::timeout(c.idle_timeout),
+            Some(Duration::from_secs(600))
+        );
+        assert_eq!(Config::timeout(0.0), None);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::Budget;
 use crate::cache::{CacheLimits, SessionCache};
 use crate::config::Config;
 use crate::locks::LockTable;
@@ -22,6 +23,11 @@ pub struct Daemon {
     pub locks: Arc<LockTable>,
     /// Response times and rates for STATS.
     pub meter: RequestMeter,
+    /// Bytes of connection buffers beyond each connection's base allowance (SCALED_MAX_BUFFER_BYTES).
+    pub buffers: Budget,
+    /// Requests waiting to finish, across all connections (SCALED_MAX_WAITING). In an `Arc` because
+    /// each waiting request holds a slot of it until it ends.
+    pub waiting: Arc<Budget>,
     /// Connection counts for STATS.
     pub connections: ConnectionCounters,
     /// When the daemon started, for uptime.
@@ -40,11 +46,17 @@ impl Daemon {
                 .then(|| usize::try_from(config.cache_max_bytes).unwrap_or(usize::MAX)),
             shards: config.cache_shards,
         });
+        let buffers = Budget::new(usize::try_from(config.max_buffer_bytes).unwrap_or(usize::MAX));
+        let waiting = Arc::new(Budget::new(
+            usize::try_from(config.max_waiting).unwrap_or(usize::MAX),
+        ));
         Daemon {
             config,
             cache,
             locks: Arc::new(LockTable::with_fences_after(wall_clock_micros())),
             meter: RequestMeter::new(started),
+            buffers,
+            waiting,
             connections: ConnectionCounters::default(),
             started,
             shutdown: CancellationToken::new(),

@@ -16,8 +16,13 @@
 //!   It knows a connection only as a number and a cancellation token.
 //! - [`meter`]: response times and rates over a sliding 60-second window.
 //! - [`daemon`]: the shared state the connections hold.
+//! - [`budget`]: daemon-wide budgets of buffer bytes and waiting requests, so per-connection limits
+//!   times the connection limit cannot exceed what the host can spare.
+//! - [`rlimit`]: raises the open-file limit so the connection limit, not the kernel, turns clients away.
+//! - [`throttle`]: rate-limited warnings for what a client can cause at will.
 //! - [`config`]: every setting, as a flag and an environment variable.
 
+pub mod budget;
 pub mod cache;
 pub mod cmd;
 pub mod config;
@@ -26,4 +31,6 @@ pub mod context;
 pub mod daemon;
 pub mod locks;
 pub mod meter;
+pub mod rlimit;
 pub mod server;
+pub mod throttle;

@@ -388,6 +388,11 @@ impl LockTable {
         self.unlock_and_wake(st);
     }
 
+    /// Whether connection `conn` holds any lock now.
+    pub fn holds_any(&self, conn: u64) -> bool {
+        self.state.lock().held_by.contains_key(&conn)
+    }
+
     /// Runs `write` only if `token` is the newest grant on `lock`, with no grant able to happen in
     /// between: a holder paused past its lease can never overwrite the next holder's write.
     pub fn fenced<T>(

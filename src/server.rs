@@ -8,7 +8,7 @@
 use std::fs::{self, File, Permissions};
 use std::io;
 use std::net::SocketAddr;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -28,6 +28,12 @@ use crate::daemon::Daemon;
 
 /// How often the background sweeper looks for expired cache entries.
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
+
+/// Open files kept for everything but client connections.
+const HEADROOM: u64 = crate::rlimit::HEADROOM;
+
+/// Accept failures (out of file descriptors and the like) are logged at most once a second.
+static ACCEPT_FAILED: crate::throttle::Throttle = crate::throttle::Throttle::new();
 
 /// Slots of each shard the sweeper inspects per pass.
 const SWEEP_BUDGET: usize = 512;
@@ -137,7 +143,8 @@ impl Server {
             "scaled serving"
         );
         let tracker = TaskTracker::new();
-        let limit = Arc::new(Semaphore::new(daemon.config.max_connections));
+        let serving = crate::rlimit::fit_connections(daemon.config.max_connections, HEADROOM);
+        let limit = Arc::new(Semaphore::new(serving));
         let ids = Arc::new(AtomicU64::new(1));
 
         tracker.spawn(sweep_cache(daemon.clone()));
@@ -176,11 +183,19 @@ impl Server {
     }
 }
 
-/// Makes sure the socket path is ours to bind: creates its directory, takes the lock file beside it,
-/// and removes a stale socket, but never a live daemon's socket or a file that is not a socket.
+/// Makes sure the socket path is ours to bind: creates its directory (0750: the socket's own mode
+/// decides who connects, and nobody else needs to list or add files there), takes the lock file
+/// beside it, and removes a stale socket, but never a live daemon's socket or a file that is not a
+/// socket. The lock file is 0600: a user who could open it could flock it and block every restart.
 fn claim_socket_path(path: &Path) -> Result<File, StartError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o750)
+                .create(dir)
+                .map_err(io_err(format!("creating {}", dir.display())))?;
+        }
     }
     let mut lock_path = path.as_os_str().to_owned();
     lock_path.push(".lock");
@@ -188,6 +203,7 @@ fn claim_socket_path(path: &Path) -> Result<File, StartError> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&lock_path)
         .map_err(io_err(format!(
             "opening {}",
@@ -196,6 +212,9 @@ fn claim_socket_path(path: &Path) -> Result<File, StartError> {
     if lock.try_lock().is_err() {
         return Err(StartError::AlreadyRunning(path.to_path_buf()));
     }
+    // A lock file left by an older daemon may have a wider mode; narrow it.
+    lock.set_permissions(Permissions::from_mode(0o600))
+        .map_err(io_err("setting the lock file's mode"))?;
     match fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(format!("inspecting {}", path.display()))(e)),
@@ -262,9 +281,10 @@ async fn accept_loop<L: Listener>(
     }
 }
 
-/// Out of file descriptors and the like: log, and pause so a persistent failure does not spin.
+/// Out of file descriptors and the like: log (rate-limited), and pause so a persistent failure does
+/// not spin.
 async fn accept_failed(e: io::Error) {
-    tracing::warn!(error = %e, "accept failed");
+    crate::throttled_warn!(ACCEPT_FAILED, error = %e, "accept failed");
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
 

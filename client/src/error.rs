@@ -48,6 +48,10 @@ pub enum Error {
     /// `INTERNAL`: the daemon failed unexpectedly.
     #[error("INTERNAL: {0}")]
     Internal(String),
+    /// `TIMEOUT`: the daemon closed the connection because it was too slow (no HELLO, an unfinished
+    /// frame, or idle for too long). The client reconnects on its next call.
+    #[error("TIMEOUT: {0}")]
+    Timeout(String),
     /// The connection could not be made, or broke.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
@@ -77,6 +81,7 @@ impl Error {
             Error::Fenced(_) => ErrorCode::Fenced,
             Error::Unavailable(_) => ErrorCode::Unavailable,
             Error::Internal(_) => ErrorCode::Internal,
+            Error::Timeout(_) => ErrorCode::Timeout,
             Error::Io(_) | Error::ConnectionLost | Error::Protocol(_) => return None,
         })
     }
@@ -98,6 +103,7 @@ impl Error {
             ErrorCode::Fenced => Error::Fenced(message),
             ErrorCode::Unavailable => Error::Unavailable(message),
             ErrorCode::Internal => Error::Internal(message),
+            ErrorCode::Timeout => Error::Timeout(message),
         }
     }
 }

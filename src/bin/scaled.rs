@@ -31,6 +31,9 @@ fn main() -> ExitCode {
         .init();
 
     let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // The blocking pool decodes large frames off the serving threads; a few threads are plenty, and
+    // the bound keeps many large frames at once from becoming many threads.
+    builder.max_blocking_threads(4);
     if config.worker_threads > 0 {
         builder.worker_threads(config.worker_threads);
     }

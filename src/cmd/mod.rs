@@ -51,6 +51,16 @@ impl Reply {
             .map_err(|e| CommandError::new(ErrorCode::Internal, format!("encoding reply: {e}")))
     }
 
+    /// At least the bytes [`Reply::write`] appends (an upper bound on the header's size).
+    pub fn encoded_len(&self) -> usize {
+        match self {
+            Reply::Nil | Reply::Bool(_) => 1,
+            Reply::Text(s) => s.len() + 5,
+            Reply::Value(v) => v.len() + 5,
+            Reply::Encoded(bytes) => bytes.len(),
+        }
+    }
+
     /// Appends the MessagePack encoding. Writing into a `Vec` cannot fail.
     pub fn write(&self, out: &mut Vec<u8>) {
         match self {

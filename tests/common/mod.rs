@@ -2,6 +2,8 @@
 //! temporary directory, connect to it as a client would, and clean up.
 #![allow(dead_code)]
 
+pub mod watch;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -51,7 +53,40 @@ impl TestDaemon {
     pub fn start(extra: &[&str]) -> TestDaemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("scaled.sock");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_scaled"));
+        TestDaemon::spawn(
+            Command::new(env!("CARGO_BIN_EXE_scaled")),
+            socket,
+            dir,
+            extra,
+        )
+    }
+
+    /// Starts the daemon on `socket` (its directory need not exist yet).
+    pub fn start_at(socket: &std::path::Path, extra: &[&str]) -> TestDaemon {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let command = Command::new(env!("CARGO_BIN_EXE_scaled"));
+        TestDaemon::spawn(command, socket.to_path_buf(), dir, extra)
+    }
+
+    /// Starts the daemon through `sh -c SCRIPT`, where the script ends with `exec "$0" "$@"` (for
+    /// example to set a ulimit first).
+    pub fn start_wrapped(script: &str, extra: &[&str]) -> TestDaemon {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("scaled.sock");
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(script)
+            .arg(env!("CARGO_BIN_EXE_scaled"));
+        TestDaemon::spawn(command, socket, dir, extra)
+    }
+
+    fn spawn(
+        mut cmd: Command,
+        socket: PathBuf,
+        dir: tempfile::TempDir,
+        extra: &[&str],
+    ) -> TestDaemon {
         for var in DAEMON_ENV {
             cmd.env_remove(var);
         }
@@ -169,15 +204,19 @@ impl RawConn {
         self.send(&request.to_msgpack()).await;
     }
 
-    /// The next response, or `None` when the daemon closed the connection. Fails the test after 20 s.
+    /// The next response, or `None` when the daemon closed the connection (a reset included: a
+    /// daemon that closes with bytes of ours unread resets). Fails the test after 20 s.
     pub async fn recv(&mut self) -> Option<Response> {
         tokio::time::timeout(STARTUP_LIMIT, async {
             loop {
                 if let Some(body) = take_frame(&mut self.buf, MAX_FRAME_LEN).expect("frame size") {
                     return Some(Response::decode(&body).expect("decodable response"));
                 }
-                if self.stream.read_buf(&mut self.buf).await.expect("read") == 0 {
-                    return None;
+                match self.stream.read_buf(&mut self.buf).await {
+                    Ok(0) => return None,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+                    Err(e) => panic!("read: {e}"),
                 }
             }
         })
