@@ -12,15 +12,19 @@ use crate::cache::{CacheLimits, SessionCache};
 use crate::config::Config;
 use crate::locks::LockTable;
 use crate::meter::RequestMeter;
+use crate::store::Store;
 
 /// The daemon's shared state. One value, behind an `Arc`, handed to every connection.
 pub struct Daemon {
     /// The settings it was started with.
     pub config: Config,
-    /// Session state and anything else the apps cache.
-    pub cache: SessionCache,
+    /// Session state and anything else the apps cache. Commands reach it through [`Daemon::store`];
+    /// STATS and upkeep read it here.
+    pub cache: Arc<SessionCache>,
     /// Session locks. In an `Arc` because waiters hold it to leave their queue when dropped.
     pub locks: Arc<LockTable>,
+    /// Where commands read and write session state and locks, whatever the backend.
+    pub store: Store,
     /// Response times and rates for STATS.
     pub meter: RequestMeter,
     /// Bytes of connection buffers beyond each connection's base allowance (SCALED_MAX_BUFFER_BYTES).
@@ -40,12 +44,14 @@ impl Daemon {
     /// Fresh state for `config`.
     pub fn new(config: Config) -> Daemon {
         let started = Instant::now();
-        let cache = SessionCache::new(CacheLimits {
+        let cache = Arc::new(SessionCache::new(CacheLimits {
             max_entries: usize::try_from(config.cache_size).unwrap_or(usize::MAX),
             max_bytes: (config.cache_max_bytes > 0)
                 .then(|| usize::try_from(config.cache_max_bytes).unwrap_or(usize::MAX)),
             shards: config.cache_shards,
-        });
+        }));
+        let locks = Arc::new(LockTable::with_fences_after(wall_clock_micros()));
+        let store = Store::new(cache.clone(), locks.clone());
         let buffers = Budget::new(usize::try_from(config.max_buffer_bytes).unwrap_or(usize::MAX));
         let waiting = Arc::new(Budget::new(
             usize::try_from(config.max_waiting).unwrap_or(usize::MAX),
@@ -53,7 +59,8 @@ impl Daemon {
         Daemon {
             config,
             cache,
-            locks: Arc::new(LockTable::with_fences_after(wall_clock_micros())),
+            locks,
+            store,
             meter: RequestMeter::new(started),
             buffers,
             waiting,

@@ -11,6 +11,8 @@
 //! - [`connection`]: one client connection; reads frames, decodes requests, writes answers as they finish.
 //! - [`context`]: the per-request context (UUID request_id, session_id, user_id, clock, tracing span).
 //! - [`cmd`]: one file per command; [`cmd::dispatch`] decides what a request does.
+//! - [`store`]: the seam between commands and state: the cache and lock table standalone, a second
+//!   tier when Redis is configured. Commands call it and never see the backend.
 //! - [`cache`]: the sharded LRU with per-entry TTL. It knows nothing of sockets.
 //! - [`locks`]: the lock table: FIFO queues, fencing tokens, leases, release when a connection ends.
 //!   It knows a connection only as a number and a cancellation token.
@@ -33,4 +35,5 @@ pub mod locks;
 pub mod meter;
 pub mod rlimit;
 pub mod server;
+pub mod store;
 pub mod throttle;

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use scaled_client::proto::{Args, CommandName, ErrorCode, Request, MAX_KEY_LEN};
 
 use crate::daemon::Daemon;
+use crate::store::{Step, StoreError};
 
 /// A successful answer, written as the response's `ok` value.
 #[derive(Debug, Clone, PartialEq)]
@@ -121,6 +122,35 @@ impl From<CommandResult> for Outcome {
     }
 }
 
+impl From<Step<CommandResult>> for Outcome {
+    fn from(step: Step<CommandResult>) -> Outcome {
+        match step {
+            Step::Ready(r) => Outcome::Done(r),
+            Step::Later(pending) => Outcome::Later(pending),
+        }
+    }
+}
+
+/// A command's checks failed before it reached the store, or the store's step.
+impl From<Result<Step<CommandResult>, CommandError>> for Outcome {
+    fn from(r: Result<Step<CommandResult>, CommandError>) -> Outcome {
+        match r {
+            Ok(step) => step.into(),
+            Err(e) => Outcome::Done(Err(e)),
+        }
+    }
+}
+
+impl From<StoreError> for CommandError {
+    fn from(e: StoreError) -> CommandError {
+        let code = match &e {
+            StoreError::Fenced(_) => ErrorCode::Fenced,
+            StoreError::TooLarge(_) => ErrorCode::TooLarge,
+        };
+        CommandError::new(code, e.to_string())
+    }
+}
+
 /// What the daemon knows about the connection a request came on.
 pub struct Peer {
     /// Unique for the daemon's lifetime; owns the locks taken on this connection.
@@ -187,11 +217,6 @@ fn required_token(args: &mut Args) -> Result<String, CommandError> {
     args.token
         .take()
         .ok_or_else(|| CommandError::new(ErrorCode::BadArgument, "missing argument `token`"))
-}
-
-/// The answer to a write refused by its fence.
-fn fenced(e: crate::locks::Fenced) -> CommandError {
-    CommandError::new(ErrorCode::Fenced, e.to_string())
 }
 
 /// Longest lease or wait a LOCK may ask for: a day.
