@@ -150,9 +150,11 @@ where
         .into_iter()
         .flatten()
         .min();
-        // While answers pile up unread, read only a little more: enough to see the client close or
-        // shut down its write side, never an unbounded backlog of requests.
-        let may_read = reading && !more && (!backlogged || bufs.inbuf.len() < BASE);
+        // While answers pile up unread, or a large frame is decoded aside, read only a little more:
+        // enough to see the client close or shut down its write side, never an unbounded backlog of
+        // requests.
+        let taking = !backlogged && aside.is_none();
+        let may_read = reading && !more && (taking || bufs.inbuf.len() < BASE);
         if may_read {
             bufs.make_room();
         }
