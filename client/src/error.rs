@@ -57,6 +57,10 @@ pub enum Error {
     /// The daemon answered something this client cannot read.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A connect or a request took longer than the timeout set on the [`crate::ClientBuilder`]. A
+    /// request that timed out may still have been applied by the daemon.
+    #[error("timed out: {0}")]
+    Timeout(String),
 }
 
 impl Error {
@@ -77,7 +81,9 @@ impl Error {
             Error::Fenced(_) => ErrorCode::Fenced,
             Error::Unavailable(_) => ErrorCode::Unavailable,
             Error::Internal(_) => ErrorCode::Internal,
-            Error::Io(_) | Error::ConnectionLost | Error::Protocol(_) => return None,
+            Error::Io(_) | Error::ConnectionLost | Error::Protocol(_) | Error::Timeout(_) => {
+                return None
+            }
         })
     }
 
