@@ -827,7 +827,7 @@ async fn auto_renew_keeps_the_lock_while_the_holder_lives() {
             .await
             .unwrap_or_else(|| panic!("auto-renew lock free after {:?}", granted.elapsed()));
         assert_eq!(row.fence, fence, "{row:?}");
-        assert_eq!(row.auto_renew, true, "{row:?}");
+        assert!(row.auto_renew, "{row:?}");
         match other.try_lock(KEY, LockOptions::default()).await {
             Err(Error::Locked(_)) => {}
             Err(e) => panic!("try_lock after {:?}: {e}", granted.elapsed()),
