@@ -196,14 +196,17 @@ fn drain_frames(
     }
 }
 
-/// Appends the response to one request, and files its time with the meter.
+/// Appends the response to one request, files its time with the meter, and logs it.
 fn respond(daemon: &Daemon, out: &mut Vec<u8>, ctx: &RequestContext, result: &CommandResult) {
     let now = Instant::now();
     let elapsed_us = ctx.elapsed_us(now);
-    daemon.meter.record(ctx.cmd, elapsed_us, now);
-    if let Err(e) = result {
-        tracing::debug!(parent: &ctx.span, code = %e.code, message = %e.message, "request failed");
-    }
+    daemon.meter.record(
+        ctx.cmd,
+        result.as_ref().err().map(|e| e.code),
+        elapsed_us,
+        now,
+    );
+    crate::reqlog::finished(ctx, result, elapsed_us);
     let mut id_text = [0u8; 36];
     let request_id = ctx.request_id.hyphenated().encode_lower(&mut id_text);
     let start = begin_frame(out);

@@ -14,8 +14,11 @@
 //! - [`cache`]: the sharded LRU with per-entry TTL. It knows nothing of sockets.
 //! - [`locks`]: the lock table: FIFO queues, fencing tokens, leases, release when a connection ends.
 //!   It knows a connection only as a number and a cancellation token.
-//! - [`meter`]: response times and rates over a sliding 60-second window.
+//! - [`meter`]: response times and rates over a sliding 60-second window, and since-start totals.
 //! - [`daemon`]: the shared state the connections hold.
+//! - [`stats`]: [`daemon::Daemon::stats`], the one builder of every figure, for STATS and `/metrics`.
+//! - [`metrics`]: the Prometheus endpoint (`--metrics`), rendering those figures.
+//! - [`reqlog`]: each request's log line (debug) and the warnings an operator needs (info).
 //! - [`config`]: every setting, as a flag and an environment variable.
 
 pub mod cache;
@@ -26,4 +29,7 @@ pub mod context;
 pub mod daemon;
 pub mod locks;
 pub mod meter;
+pub mod metrics;
+pub mod reqlog;
 pub mod server;
+pub mod stats;

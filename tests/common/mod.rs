@@ -37,6 +37,9 @@ const DAEMON_ENV: &[&str] = &[
     "SCALED_SHUTDOWN_TIMEOUT",
     "SCALED_WORKER_THREADS",
     "SCALED_LOG",
+    "SCALED_LOG_FORMAT",
+    "SCALED_METRICS",
+    "SCALED_METRICS_ALLOW_REMOTE",
 ];
 
 /// A running daemon, killed when dropped.
@@ -49,6 +52,11 @@ pub struct TestDaemon {
 impl TestDaemon {
     /// Starts `scaled --socket <tmp>/scaled.sock <extra>` and waits until it accepts connections.
     pub fn start(extra: &[&str]) -> TestDaemon {
+        TestDaemon::start_logging_to(extra, Stdio::inherit())
+    }
+
+    /// Like [`TestDaemon::start`], with the daemon's stderr (its log) going to `stderr`.
+    pub fn start_logging_to(extra: &[&str], stderr: impl Into<Stdio>) -> TestDaemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("scaled.sock");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_scaled"));
@@ -60,6 +68,7 @@ impl TestDaemon {
             .arg(&socket)
             .args(extra)
             .stdin(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("spawn scaled");
         let daemon = TestDaemon { child, socket, dir };
