@@ -206,7 +206,10 @@ async fn metrics_count_what_the_clients_did_and_pass_promtool() {
         if value(&page, "scaled_connections_open", &[]) == 3.0 {
             break (body, page);
         }
-        assert!(Instant::now() < deadline, "connections never settled:\n{body}");
+        assert!(
+            Instant::now() < deadline,
+            "connections never settled:\n{body}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     let requests = |command: &str, outcome: &str| {
@@ -307,7 +310,39 @@ async fn metrics_count_what_the_clients_did_and_pass_promtool() {
     assert_eq!(value(&page, "scaled_redis_configured", &[]), 0.0);
 
     promtool_check(&body);
+    every_series_named_in_the_docs_exists(&page);
     drop(other);
+}
+
+/// The Grafana dashboard and README's alerts name only series the daemon serves.
+fn every_series_named_in_the_docs_exists(page: &BTreeMap<Series, f64>) {
+    let served: std::collections::BTreeSet<&str> = page.keys().map(|(n, _)| n.as_str()).collect();
+    for (doc, text) in [
+        ("contrib/grafana/scaled.json", include_str!("../contrib/grafana/scaled.json")),
+        ("README.md", include_str!("../README.md")),
+    ] {
+        let mut named = 0;
+        for (at, _) in text.match_indices("scaled_") {
+            let name: String = text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            // README's table abbreviates families as `scaled_cache_{hits,...}_total`; skip those.
+            if text[at + name.len()..].starts_with('{') && name.ends_with('_') {
+                continue;
+            }
+            if name == "scaled_client" || name.len() <= "scaled_".len() {
+                continue;
+            }
+            named += 1;
+            let histogram = format!("{name}_bucket");
+            assert!(
+                served.contains(name.as_str()) || served.contains(histogram.as_str()),
+                "{doc} names `{name}`, which /metrics does not serve"
+            );
+        }
+        assert!(named > 5, "{doc} names only {named} series");
+    }
 }
 
 #[tokio::test]
