@@ -1,5 +1,6 @@
 //! The client crate against the real daemon: it reconnects after the daemon restarts, fails the calls
-//! that were in flight when the connection broke, and maps each error code to its own variant.
+//! that were in flight when the connection broke, maps each error code to its own variant, and keeps
+//! its connect and request timeouts without ever handing a late answer to another caller.
 
 mod common;
 
@@ -139,4 +140,44 @@ async fn a_client_that_speaks_another_version_is_told_so() {
     let gone = daemon.dir.path().join("nobody.sock");
     let result = Client::connect(Endpoint::Unix(gone), "test").await;
     assert!(matches!(result, Err(Error::Io(_))));
+}
+
+#[tokio::test]
+async fn a_request_past_its_timeout_fails_and_its_late_answer_goes_to_nobody() {
+    let daemon = TestDaemon::start(&[]);
+    let client = Client::builder(Endpoint::Unix(daemon.socket.clone()))
+        .name("timeouts")
+        .request_timeout(Duration::from_millis(200))
+        .connect()
+        .await
+        .expect("connect");
+    assert!(format!("{client:?}").contains("timeouts"), "{client:?}");
+    assert_eq!(client.welcome().await.expect("HELLO").version, 1);
+    client.set("a", b"A", None).await.expect("SET");
+    client.set("b", b"B", None).await.expect("SET");
+
+    // A stopped daemon reads nothing, so the GET cannot be answered in time.
+    daemon.signal("STOP");
+    let err = client.get("a").await.expect_err("no answer while stopped");
+    daemon.signal("CONT");
+    assert!(matches!(err, Error::Timeout(_)), "{err:?}");
+    assert!(err.to_string().contains("GET"), "{err}");
+
+    // The late answer to the first GET arrives on the same connection; the next caller still gets
+    // its own.
+    assert_eq!(client.get("b").await.expect("GET").as_deref(), Some(&b"B"[..]));
+    assert_eq!(client.get("a").await.expect("GET").as_deref(), Some(&b"A"[..]));
+}
+
+#[tokio::test]
+async fn a_connect_past_its_timeout_fails() {
+    let daemon = TestDaemon::start(&[]);
+    // The kernel still accepts the connection of a stopped daemon, but HELLO is never answered.
+    daemon.signal("STOP");
+    let attempt = Client::builder(Endpoint::Unix(daemon.socket.clone()))
+        .connect_timeout(Duration::from_millis(200))
+        .connect()
+        .await;
+    daemon.signal("CONT");
+    assert!(matches!(attempt, Err(Error::Timeout(_))), "{attempt:?}");
 }
