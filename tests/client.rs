@@ -165,8 +165,14 @@ async fn a_request_past_its_timeout_fails_and_its_late_answer_goes_to_nobody() {
 
     // The late answer to the first GET arrives on the same connection; the next caller still gets
     // its own.
-    assert_eq!(client.get("b").await.expect("GET").as_deref(), Some(&b"B"[..]));
-    assert_eq!(client.get("a").await.expect("GET").as_deref(), Some(&b"A"[..]));
+    assert_eq!(
+        client.get("b").await.expect("GET").as_deref(),
+        Some(&b"B"[..])
+    );
+    assert_eq!(
+        client.get("a").await.expect("GET").as_deref(),
+        Some(&b"A"[..])
+    );
 }
 
 #[tokio::test]

@@ -318,7 +318,10 @@ async fn metrics_count_what_the_clients_did_and_pass_promtool() {
 fn every_series_named_in_the_docs_exists(page: &BTreeMap<Series, f64>) {
     let served: std::collections::BTreeSet<&str> = page.keys().map(|(n, _)| n.as_str()).collect();
     for (doc, text) in [
-        ("contrib/grafana/scaled.json", include_str!("../contrib/grafana/scaled.json")),
+        (
+            "contrib/grafana/scaled.json",
+            include_str!("../contrib/grafana/scaled.json"),
+        ),
         ("README.md", include_str!("../README.md")),
     ] {
         let mut named = 0;
