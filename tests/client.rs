@@ -142,6 +142,24 @@ async fn a_client_that_speaks_another_version_is_told_so() {
     assert!(matches!(result, Err(Error::Io(_))));
 }
 
+/// Stops the daemon with SIGSTOP and waits until the kernel has stopped it: the signal is delivered
+/// asynchronously, and a daemon still running for a moment would answer.
+fn stop(daemon: &TestDaemon) {
+    daemon.signal("STOP");
+    let stat = format!("/proc/{}/stat", daemon.child.id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&stat).expect("read the daemon's /proc stat");
+        // The state follows the parenthesised command name.
+        let state = text.rsplit_once(')').map(|(_, rest)| rest.trim_start());
+        if state.is_some_and(|s| s.starts_with('T')) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the daemon did not stop: {text}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[tokio::test]
 async fn a_request_past_its_timeout_fails_and_its_late_answer_goes_to_nobody() {
     let daemon = TestDaemon::start(&[]);
@@ -157,7 +175,7 @@ async fn a_request_past_its_timeout_fails_and_its_late_answer_goes_to_nobody() {
     client.set("b", b"B", None).await.expect("SET");
 
     // A stopped daemon reads nothing, so the GET cannot be answered in time.
-    daemon.signal("STOP");
+    stop(&daemon);
     let err = client.get("a").await.expect_err("no answer while stopped");
     daemon.signal("CONT");
     assert!(matches!(err, Error::Timeout(_)), "{err:?}");
@@ -179,7 +197,7 @@ async fn a_request_past_its_timeout_fails_and_its_late_answer_goes_to_nobody() {
 async fn a_connect_past_its_timeout_fails() {
     let daemon = TestDaemon::start(&[]);
     // The kernel still accepts the connection of a stopped daemon, but HELLO is never answered.
-    daemon.signal("STOP");
+    stop(&daemon);
     let attempt = Client::builder(Endpoint::Unix(daemon.socket.clone()))
         .connect_timeout(Duration::from_millis(200))
         .connect()
