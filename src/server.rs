@@ -89,6 +89,8 @@ impl Server {
                 return Err(StartError::RemoteTcp(addr));
             }
         }
+        // Before the socket is claimed, so a bad --metrics leaves no socket file behind.
+        let metrics = crate::metrics::bind(&config)?;
         let socket_path = config.socket.clone();
         let path_lock = claim_socket_path(&socket_path)?;
         let unix = UnixListener::bind(&socket_path)
@@ -107,7 +109,6 @@ impl Server {
             }
             None => None,
         };
-        let metrics = crate::metrics::bind(&config)?;
         Ok(Server {
             daemon: Arc::new(Daemon::new(config)),
             unix,

@@ -413,4 +413,8 @@ fn a_remote_metrics_address_needs_allow_remote() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--metrics-allow-remote"), "{stderr}");
+    assert!(
+        !dir.path().join("s.sock").exists(),
+        "a refused start left its socket behind"
+    );
 }
