@@ -50,6 +50,9 @@ pub enum StartError {
     /// `--tcp` names a non-loopback address without `--tcp-allow-remote`.
     #[error("--tcp {0} is not a loopback address; pass --tcp-allow-remote to allow it")]
     RemoteTcp(SocketAddr),
+    /// The metrics endpoint could not start.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     /// REDIS_URL is set, but this build has only the standalone backend.
     #[error("REDIS_URL is set, but this build of scaled runs standalone only; unset it to run with host-local locks")]
     RedisUnsupported,
@@ -73,6 +76,8 @@ pub struct Server {
     daemon: Arc<Daemon>,
     unix: UnixListener,
     tcp: Option<TcpListener>,
+    /// The Prometheus endpoint's listener, with `--metrics`.
+    metrics: Option<TcpListener>,
     socket_path: PathBuf,
     /// Held for the daemon's life: whoever holds it owns the socket path, so two daemons starting at
     /// once cannot both decide the socket is stale.
@@ -90,6 +95,8 @@ impl Server {
                 return Err(StartError::RemoteTcp(addr));
             }
         }
+        // Before the socket is claimed, so a bad --metrics leaves no socket file behind.
+        let metrics = crate::metrics::bind(&config)?;
         let socket_path = config.socket.clone();
         let path_lock = claim_socket_path(&socket_path)?;
         let unix = UnixListener::bind(&socket_path)
@@ -112,6 +119,7 @@ impl Server {
             daemon: Arc::new(Daemon::new(config)),
             unix,
             tcp,
+            metrics,
             socket_path,
             _path_lock: path_lock,
         })
@@ -133,6 +141,7 @@ impl Server {
             daemon,
             unix,
             tcp,
+            metrics,
             socket_path,
             _path_lock,
         } = self;
@@ -149,6 +158,13 @@ impl Server {
 
         tracker.spawn(sweep_cache(daemon.clone()));
         tracker.spawn(daemon.locks.clone().run_expiry(daemon.shutdown.clone()));
+        if let Some(listener) = metrics {
+            tracker.spawn(crate::metrics::serve(
+                listener,
+                daemon.clone(),
+                tracker.clone(),
+            ));
+        }
         let unix_loop = accept_loop(
             unix,
             daemon.clone(),

@@ -39,6 +39,9 @@ const DAEMON_ENV: &[&str] = &[
     "SCALED_SHUTDOWN_TIMEOUT",
     "SCALED_WORKER_THREADS",
     "SCALED_LOG",
+    "SCALED_LOG_FORMAT",
+    "SCALED_METRICS",
+    "SCALED_METRICS_ALLOW_REMOTE",
 ];
 
 /// A running daemon, killed when dropped.
@@ -51,21 +54,22 @@ pub struct TestDaemon {
 impl TestDaemon {
     /// Starts `scaled --socket <tmp>/scaled.sock <extra>` and waits until it accepts connections.
     pub fn start(extra: &[&str]) -> TestDaemon {
+        TestDaemon::start_logging_to(extra, Stdio::inherit())
+    }
+
+    /// Like [`TestDaemon::start`], with the daemon's stderr (its log) going to `stderr`.
+    pub fn start_logging_to(extra: &[&str], stderr: impl Into<Stdio>) -> TestDaemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("scaled.sock");
-        TestDaemon::spawn(
-            Command::new(env!("CARGO_BIN_EXE_scaled")),
-            socket,
-            dir,
-            extra,
-        )
+        let command = Command::new(env!("CARGO_BIN_EXE_scaled"));
+        TestDaemon::spawn(command, socket, dir, extra, stderr.into())
     }
 
     /// Starts the daemon on `socket` (its directory need not exist yet).
     pub fn start_at(socket: &std::path::Path, extra: &[&str]) -> TestDaemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let command = Command::new(env!("CARGO_BIN_EXE_scaled"));
-        TestDaemon::spawn(command, socket.to_path_buf(), dir, extra)
+        TestDaemon::spawn(command, socket.to_path_buf(), dir, extra, Stdio::inherit())
     }
 
     /// Starts the daemon through `sh -c SCRIPT`, where the script ends with `exec "$0" "$@"` (for
@@ -78,7 +82,7 @@ impl TestDaemon {
             .arg("-c")
             .arg(script)
             .arg(env!("CARGO_BIN_EXE_scaled"));
-        TestDaemon::spawn(command, socket, dir, extra)
+        TestDaemon::spawn(command, socket, dir, extra, Stdio::inherit())
     }
 
     fn spawn(
@@ -86,6 +90,7 @@ impl TestDaemon {
         socket: PathBuf,
         dir: tempfile::TempDir,
         extra: &[&str],
+        stderr: Stdio,
     ) -> TestDaemon {
         for var in DAEMON_ENV {
             cmd.env_remove(var);
@@ -95,6 +100,7 @@ impl TestDaemon {
             .arg(&socket)
             .args(extra)
             .stdin(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("spawn scaled");
         let daemon = TestDaemon { child, socket, dir };
