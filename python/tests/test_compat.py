@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import Daemon, wait_for
 
 import scaled
+from conftest import Daemon, wait_for
 from scaled import context
 from scaled.compat import (
     RequestContext,
