@@ -12,6 +12,7 @@ import pytest
 
 import scaled
 import scaled.aio
+
 from conftest import Daemon
 
 T = TypeVar("T")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import scaled
+
 from conftest import Daemon, wait_for
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")

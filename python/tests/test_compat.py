@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 import scaled
-from conftest import Daemon, wait_for
 from scaled import context
 from scaled.compat import (
     RequestContext,
@@ -22,6 +21,8 @@ from scaled.compat import (
     with_request_context,
     with_session_lock,
 )
+
+from conftest import Daemon, wait_for
 
 
 @pytest.fixture(autouse=True)

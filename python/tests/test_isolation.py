@@ -9,8 +9,9 @@ from collections import Counter
 
 import scaled
 import scaled.aio
-from conftest import Daemon
 from scaled import context
+
+from conftest import Daemon
 
 THREADS = 500
 REQUESTS_PER_THREAD = 200  # 500 × 200 = 100 000 requests

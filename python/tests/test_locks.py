@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import scaled
+
 from conftest import Daemon, clean_env, wait_for
 
 WORKER = Path(__file__).resolve().parent / "helpers" / "lock_worker.py"

@@ -17,10 +17,11 @@ import msgpack
 import pytest
 
 import scaled
-from conftest import Daemon
 from scaled import protocol
 from scaled.errors import ERRORS_BY_CODE
 from scaled.protocol import Call, Fence, Grant
+
+from conftest import Daemon
 from spec import RawConn, body_of, head_length, parse_vectors, section, spec_text, table_names
 
 VALUE = bytes([0x00, 0x01, 0x02, 0xFE, 0xFF])
