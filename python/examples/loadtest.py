@@ -2,7 +2,10 @@
 """The original document's load test, against the example app over HTTP, with its results checked.
 
 N users, each a thread of a ``ThreadPoolExecutor(max_workers=N)`` as in the document, send M messages
-each to ``POST /api/message`` on their own session, one after the other over a kept-alive connection.
+each to ``POST /api/message`` on their own session, one after the other. Each message goes on a new
+connection, as behind a load balancer without session affinity (the document's "session affinity: NOT
+required"), so a user's messages reach any of the app's worker processes; ``--keep-alive`` keeps one
+connection per user instead, which pins each user to one worker.
 Each answer must be a success for the sender's own session and user, echoing the sender's own message,
 with the session's counter one higher than the sender's last. At the end every session's stored state
 (``GET /api/session/<id>``) must hold its own user's id and a counter equal to the messages its user
@@ -28,12 +31,13 @@ from urllib.parse import urlsplit
 
 
 class Http:
-    """One kept-alive HTTP/1.1 connection, reopened after an error."""
+    """HTTP/1.1 to the app: a new connection per request, or one kept alive (reopened after an error)."""
 
-    def __init__(self, url: str, timeout: float) -> None:
+    def __init__(self, url: str, timeout: float, keep_alive: bool = False) -> None:
         parts = urlsplit(url)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         self.timeout = timeout
+        self.keep_alive = keep_alive
         self.conn: Optional[http.client.HTTPConnection] = None
 
     def request(self, method: str, path: str, body: Optional[dict[str, Any]] = None) -> tuple[int, Any]:
@@ -42,9 +46,14 @@ class Http:
         try:
             payload = None if body is None else json.dumps(body).encode()
             headers = {"Content-Type": "application/json"} if payload is not None else {}
+            if not self.keep_alive:
+                headers["Connection"] = "close"
             self.conn.request(method, path, body=payload, headers=headers)
             response = self.conn.getresponse()
             data = response.read()
+            if not self.keep_alive:
+                self.conn.close()
+                self.conn = None
             return response.status, json.loads(data) if data else None
         except BaseException:
             self.conn.close()
@@ -65,6 +74,7 @@ def main() -> int:
         "--think-ms", type=float, default=0.0, help="pause after each message (the document: 100)"
     )
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for one answer")
+    ap.add_argument("--keep-alive", action="store_true", help="one connection per user (pins it to a worker)")
     ap.add_argument("--label", default="", help="copied into the JSON line")
     args = ap.parse_args()
 
@@ -78,7 +88,7 @@ def main() -> int:
     problems: Counter[str] = Counter()
 
     def simulate_user(i: int) -> None:
-        http = Http(args.url, args.timeout)
+        http = Http(args.url, args.timeout, args.keep_alive)
         session_id, user_id = sessions[i], users[i]
         mine: list[float] = []
         ok = 0
@@ -144,6 +154,7 @@ def main() -> int:
         "users": args.users,
         "messages": args.messages,
         "think_ms": args.think_ms,
+        "keep_alive": args.keep_alive,
         "elapsed_s": round(elapsed, 3),
         "messages_per_s": round(succeeded / elapsed, 1) if elapsed else 0.0,
         "p50_ms": ms(pct(latencies, 0.50)),
