@@ -4,6 +4,7 @@ session and user ids reaching the daemon's logs."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import threading
@@ -198,3 +199,20 @@ def test_tcp_and_urls(short_tmp: Path) -> None:
             assert unix.get("shared") == b"one cache"
     finally:
         daemon.stop(signal.SIGKILL)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_client_made_before_fork_works_in_the_child_and_the_parent(client: scaled.Client) -> None:
+    client.set("k", b"parent")
+    pid = os.fork()
+    if pid == 0:  # the child: its own connection, the parent's left alone
+        code = 1
+        try:
+            if client.get("k") == b"parent" and client.set("k", b"child"):
+                code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert client.get("k") == b"child"  # the parent's connection still works
+    wait_for("the child's connection to close", lambda: client.stats()["connections"]["current"] == 1)
