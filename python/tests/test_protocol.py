@@ -3,7 +3,9 @@ are read, and the error table."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import random
 import struct
 
 import msgpack
@@ -143,3 +145,34 @@ def test_endpoints() -> None:
         protocol.endpoint("/a", tcp="1")
     with pytest.raises(ValueError):
         protocol.endpoint_from_url("http://x")
+
+
+def test_arbitrary_bytes_from_the_daemon_are_a_response_or_a_protocol_error_never_a_crash() -> None:
+    rng = random.Random(20261129)
+    valid = [
+        answer(ok="PONG"),
+        answer(ok={"token": "t", "fence": 1, "ttl_ms": 2, "waited_us": 0}),
+        answer(err={"code": "LOCKED", "message": "held"}, degraded=True),
+    ]
+    bodies = [bytes(rng.randrange(256) for _ in range(rng.randrange(64))) for _ in range(2000)]
+    for body in valid:  # and every valid answer with bytes flipped, cut short or extended
+        for _ in range(700):
+            mutated = bytearray(body)
+            for _ in range(rng.randrange(1, 4)):
+                mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+            bodies.append(bytes(mutated[: rng.randrange(1, len(mutated) + 8)]))
+    for body in bodies:
+        try:
+            response = protocol.decode_response(body)
+        except scaled.ProtocolError:
+            continue
+        assert isinstance(response, protocol.Response)
+        for call in (protocol.get("k"), protocol.lock("k"), protocol.locks(), protocol.extend("k", "t")):
+            with contextlib.suppress(scaled.ProtocolError):
+                call.parse(response.ok)
+    decoder = protocol.FrameDecoder()
+    for body in bodies[:500]:
+        try:
+            decoder.feed(body)
+        except scaled.ProtocolError:
+            decoder = protocol.FrameDecoder()
