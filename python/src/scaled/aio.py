@@ -200,11 +200,14 @@ class Client:
         self.server_info: dict[str, Any] = {}
         #: Answers that carried ``degraded: true``.
         self.degraded_answers = 0
+        #: The current connection, if one has been opened.
         self._conn: Optional[_Connection] = None
         #: Made on first use, inside the event loop (an asyncio.Lock made outside one binds the wrong
         #: loop on Python 3.9).
         self._connect_lock: Optional[asyncio.Lock] = None
+        #: Request ids, unique for the client's life across reconnects.
         self._ids = itertools.count(1)
+        #: Set by :meth:`aclose`: no new connection is opened after it.
         self._closed = False
         #: Give-back UNLOCKs in progress, kept so they are not garbage-collected half way.
         self._background: set[asyncio.Task[Any]] = set()
@@ -441,9 +444,13 @@ class LockRequest:
     """What :meth:`Client.lock` returns: ``await`` it for the held lock, or ``async with`` it."""
 
     def __init__(self, client: Client, key: str, call: Call[Grant]) -> None:
+        #: The client to take the lock through.
         self._client = client
+        #: The lock's key.
         self._key = key
+        #: The LOCK request, built when ``lock()`` was called so bad arguments fail at once.
         self._call = call
+        #: The held lock, once ``async with`` has taken it.
         self._lock: Optional[AsyncLock] = None
 
     async def _acquire(self) -> AsyncLock:
@@ -468,7 +475,9 @@ class AsyncLock:
     """A held session lock on the asyncio client; ``async with`` releases it. See :class:`scaled.Lock`."""
 
     def __init__(self, client: Client, key: str, grant: Grant, conn: _Connection, degraded: bool) -> None:
+        #: The client whose connection took the lock; UNLOCK and EXTEND go through it.
         self._client = client
+        #: The lock's key.
         self._key = key
         #: What the daemon granted: owner token, fencing token, lease, time waited.
         self.grant = grant
@@ -476,6 +485,7 @@ class AsyncLock:
         self._conn = conn
         #: True when the daemon granted it from a fallback.
         self.degraded = degraded
+        #: Set by the first release, so a second one does nothing.
         self._released = False
 
     @property

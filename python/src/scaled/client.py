@@ -265,11 +265,13 @@ class Client:
         self.server_info: dict[str, Any] = {}
         #: Answers that carried ``degraded: true`` (served from a fallback, such as while Redis is down).
         self.degraded_answers = 0
+        #: The current connection, in a holder a finalizer can close without keeping the client alive.
         self._slot = _Slot()
         #: Held while connecting, so that callers finding the connection gone open only one new one.
         self._connect_lock = threading.Lock()
         #: Request ids, unique for the client's life across reconnects (``next`` on a count is atomic).
         self._ids = itertools.count(1)
+        #: Set by :meth:`close`: no new connection is opened after it.
         self._closed = False
         _clients.add(self)
         weakref.finalize(self, self._slot.close, "the client was garbage-collected")
@@ -520,7 +522,9 @@ class Lock:
 
     def __init__(self, client: Client, key: str, grant: Grant, conn: _Connection, degraded: bool) -> None:
         #: The client whose connection took the lock.
+        #: The client whose connection took the lock; UNLOCK and EXTEND go through it.
         self._client = client
+        #: The lock's key.
         self._key = key
         #: What the daemon granted: owner token, fencing token, lease, time waited.
         self.grant = grant
@@ -528,6 +532,7 @@ class Lock:
         self._conn = conn
         #: True when the daemon granted it from a fallback (``degraded`` on LOCK's answer).
         self.degraded = degraded
+        #: Set by the first release, so a second one does nothing.
         self._released = False
 
     @property
