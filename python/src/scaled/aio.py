@@ -70,6 +70,7 @@ class _Connection(asyncio.Protocol):
         self.reason = ""
         #: Writers waiting for the transport's buffer to drain (it is over its high-water mark).
         self._drain_waiters: list[asyncio.Future[None]] = []
+        #: True between the transport's ``pause_writing`` and ``resume_writing``.
         self._paused = False
 
     # -- asyncio.Protocol --------------------------------------------------------------------------

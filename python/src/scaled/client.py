@@ -82,6 +82,7 @@ class _Connection:
         #: Frames written by callers that have not reached the socket yet. The thread that takes
         #: ``_write_lock`` sends all of them in one write, so threads arriving together share a syscall.
         self._outbox: list[bytes] = []
+        #: Guards ``_outbox`` alone, held only to append or to take the whole list.
         self._outbox_lock = threading.Lock()
         #: Held while writing to the socket, so frames never interleave.
         self._write_lock = threading.Lock()
@@ -89,6 +90,7 @@ class _Connection:
         self.cause: Optional[ServerError] = None
         #: Why the connection ended, for :class:`ConnectionLost`'s message.
         self.reason = ""
+        #: Reads every answer and wakes its caller; a daemon thread, so it never keeps the process alive.
         self._reader = threading.Thread(target=self._read_loop, name=f"scaled-reader {endpoint}", daemon=True)
         self._reader.start()
 
