@@ -85,6 +85,9 @@ def test_the_session_lock_excludes_other_threads_and_other_managers(daemon: Daem
         with pytest.raises(TimeoutError):
             with other_process.acquire_session_lock("session1", timeout=0.05):
                 pass
+        with pytest.raises(TimeoutError):  # a blocking wait of 0 is a timeout, not a RuntimeError
+            with other_process.acquire_session_lock("session1", timeout=0):
+                pass
     with other_process.acquire_session_lock("session1", blocking=False):
         pass
     other_process.close()

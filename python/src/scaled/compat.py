@@ -41,7 +41,7 @@ from typing import Any, Callable, Optional, TypeVar, cast
 
 from . import context
 from .client import Client, Lock
-from .errors import LockedError
+from .errors import LockedError, LockTimeoutError
 from .protocol import DEFAULT_SOCKET
 
 logger = logging.getLogger("scaled.compat")
@@ -300,6 +300,8 @@ class ScalabilityManager:
                 blocking=blocking,
             )
         except LockedError as exc:
+            if blocking:  # a wait of 0 (asked for, or the daemon's default) found it held: a timeout
+                raise LockTimeoutError(exc.message, exc.request_id) from exc
             raise SessionLockedError(f"session {session_id!r} is locked") from exc
         logger.debug(
             "🔒 Acquired session lock | session=%s | request=%s | fence=%s",
