@@ -120,6 +120,7 @@ def test_locks_reads_the_array_and_a_paged_answer_alike() -> None:
     }
     parse = protocol.locks().parse
     assert parse([row]) == parse({"locks": [row], "total": 1, "next": None, "new_member": 1})
+    assert parse([row]) == parse({"total": 1, "page": [row], "cursor": "x"})
     assert parse([row])[0].owner == "web#1"
 
 

@@ -417,8 +417,11 @@ def _parse_extend(ok: Any) -> tuple[str, int]:
 
 
 def _parse_locks(ok: Any) -> list[LockInfo]:
-    # Version 1 answers an array. A paged answer (a map holding the page under `locks`) reads the same.
-    rows = ok.get("locks") if isinstance(ok, dict) else ok
+    # Version 1 answers an array. A paged answer, a map holding the page (under `locks`, or else its one
+    # array member) beside members such as a total or a cursor, reads the same.
+    rows = ok
+    if isinstance(ok, dict):
+        rows = ok.get("locks", next((v for v in ok.values() if isinstance(v, list)), None))
     if not isinstance(rows, list):
         raise ProtocolError(f"LOCKS answered {ok!r:.200}")
     out = []
