@@ -181,6 +181,13 @@ class InternalError(ServerError):
     code = "INTERNAL"
 
 
+class ConnectionTimedOutError(ServerError):
+    """``TIMEOUT``: the daemon closed the connection as too slow (no HELLO in time, a frame left
+    unfinished, or idle past ``SCALED_IDLE_TIMEOUT``). It arrives with id 0; the next call reconnects."""
+
+    code = "TIMEOUT"
+
+
 class UnknownServerError(InternalError):
     """An error code this client does not know, handled as ``INTERNAL`` (proto-spec.md, "Error codes").
 
@@ -209,6 +216,7 @@ ERRORS_BY_CODE: dict[str, type[ServerError]] = {
         FencedError,
         UnavailableError,
         InternalError,
+        ConnectionTimedOutError,
     )
 }
 
