@@ -3,20 +3,12 @@
 
 use std::sync::Arc;
 
-use serde::Serialize;
 use tokio::time::Instant;
 
 use scaled_client::proto::Args;
 
 use super::{lock_millis, required_key, required_token, CommandResult, Reply};
 use crate::daemon::Daemon;
-use crate::locks::Status;
-
-#[derive(Serialize)]
-struct Answer {
-    status: Status,
-    ttl_ms: u64,
-}
 
 pub fn run(daemon: &Arc<Daemon>, mut args: Args, now: Instant) -> CommandResult {
     let key = required_key(&mut args)?;
@@ -24,8 +16,5 @@ pub fn run(daemon: &Arc<Daemon>, mut args: Args, now: Instant) -> CommandResult 
     // Without ttl_ms the lease is renewed for the length it was granted with.
     let lease = lock_millis(args.ttl_ms, "ttl_ms")?;
     let (status, lease) = daemon.locks.extend(&key, &token, lease, now);
-    Reply::encode(&Answer {
-        status,
-        ttl_ms: lease.as_millis() as u64,
-    })
+    Ok(Reply::Status(status, Some(lease.as_millis() as u64)))
 }

@@ -2,24 +2,15 @@
 
 use std::sync::Arc;
 
-use serde::Serialize;
 use tokio::time::Instant;
 
 use scaled_client::proto::Args;
 
 use super::{required_key, required_token, CommandResult, Reply};
 use crate::daemon::Daemon;
-use crate::locks::Status;
-
-#[derive(Serialize)]
-struct Answer {
-    status: Status,
-}
 
 pub fn run(daemon: &Arc<Daemon>, mut args: Args, now: Instant) -> CommandResult {
     let key = required_key(&mut args)?;
     let token = required_token(&mut args)?;
-    Reply::encode(&Answer {
-        status: daemon.locks.release(&key, &token, now),
-    })
+    Ok(Reply::Status(daemon.locks.release(&key, &token, now), None))
 }
