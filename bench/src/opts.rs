@@ -83,8 +83,10 @@ pub struct SessionOpts {
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub sessions: u64,
 
-    /// Connections the users' requests are spread over (user u on connection u mod C).
-    #[arg(long, short = 'c', default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    /// Connections the users' requests are spread over (user u on connection u mod C): as if C app
+    /// server processes each served N/C users over one connection, which is how the client crate is
+    /// meant to be used (one connection, any number of callers).
+    #[arg(long, short = 'c', default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub connections: u64,
 
     /// Closed loop: a user's pause between the end of one message and the start of its next.
