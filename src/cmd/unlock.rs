@@ -2,20 +2,13 @@
 
 use std::sync::Arc;
 
-use serde::Serialize;
 use tokio::time::Instant;
 
 use scaled_client::proto::Args;
 
 use super::{required_key, required_token, CommandError, CommandResult, Reply};
 use crate::daemon::Daemon;
-use crate::locks::Status;
 use crate::store::Step;
-
-#[derive(Serialize)]
-struct Answer {
-    status: Status,
-}
 
 pub fn run(
     daemon: &Arc<Daemon>,
@@ -27,5 +20,5 @@ pub fn run(
     Ok(daemon
         .store
         .unlock(&key, &token, now)
-        .map(|status| Reply::encode(&Answer { status })))
+        .map(|status| Ok(Reply::Status(status, None))))
 }
