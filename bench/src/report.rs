@@ -122,7 +122,9 @@ impl Default for Tally {
 
 /// The measured clock and CPU of one run.
 pub struct Span {
+    /// This process's CPU seconds at the start, to report the generator's own cost.
     cpu_before: Option<f64>,
+    /// When the run started.
     started: Instant,
     /// After this, no new work is started.
     pub deadline: Instant,

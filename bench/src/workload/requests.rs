@@ -198,13 +198,19 @@ async fn preload(conn: &mut Conn, opts: &RequestOpts) -> Result<(), String> {
 
 /// What every connection's loop shares.
 struct Shared {
+    /// The request, patched per use with its id and key number.
     template: Arc<Template>,
+    /// Keys cycled through.
     keyspace: u64,
     /// Requests not yet claimed by a connection.
     remaining: Arc<AtomicI64>,
+    /// For the progress line.
     counters: Arc<Counters>,
+    /// Requests written at once per connection.
     pipeline: u64,
+    /// What every answer must hold.
     expect: Expect,
+    /// No batch starts after this.
     deadline: Instant,
 }
 

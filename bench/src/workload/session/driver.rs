@@ -186,9 +186,13 @@ pub async fn drive(
 
 /// The connection, its users and what they measured.
 struct Driver {
+    /// The connection all these users share.
     conn: Conn,
+    /// The run's settings.
     plan: Arc<Plan>,
+    /// What all connections see: each session's newest acknowledged write, the progress counters.
     shared: Arc<Shared>,
+    /// The users on this connection; a user's index here is its slot in request ids.
     users: Vec<User>,
     /// Counts requests written, for their ids.
     seq: u64,
@@ -196,6 +200,7 @@ struct Driver {
     timers: BinaryHeap<Reverse<(Instant, usize)>>,
     /// Messages given to this connection and not finished yet.
     outstanding: u64,
+    /// What this connection measured and saw.
     report: ConnReport,
     /// The state being written, reused from message to message.
     scratch: Vec<u8>,

@@ -222,7 +222,7 @@ pub async fn run(opts: SessionOpts) -> Result<Outcome, String> {
             "{repeated_ids} answers repeated another's request_id"
         ));
     }
-    let missing_ids = sum.requests - request_ids.len() as u64;
+    let missing_ids = sum.requests.saturating_sub(request_ids.len() as u64);
     let verdict = verify::verify(&endpoint, &plan, &committed).await?;
 
     let mixed = sum.mixed + verdict.foreign + repeated_ids + missing_ids;
@@ -287,17 +287,29 @@ fn spawn_pacer(
 }
 
 /// The connections' reports, added up.
+/// The fields are those of [`driver::ConnReport`], summed.
 struct Sum {
+    /// Messages started.
     messages: u64,
+    /// Messages whose every step succeeded.
     successful: u64,
+    /// Requests answered.
     requests: u64,
+    /// Requests answered with an error, or lost with a connection.
     errors: u64,
+    /// Answers matching no request in flight, and foreign values read during the run.
     mixed: u64,
+    /// GETs under the lock that missed the newest acknowledged write.
     stale_reads: u64,
+    /// LOCKs that waited in a queue.
     lock_waits: u64,
+    /// The first problem any connection saw.
     first_error: Option<String>,
+    /// Per message, from its scheduled start to its last answer.
     message_ns: hdrhistogram::Histogram<u64>,
+    /// Per request, from its write to its answer.
     request_ns: hdrhistogram::Histogram<u64>,
+    /// Open loop: scheduled start to first write.
     start_lag_ns: hdrhistogram::Histogram<u64>,
 }
 
@@ -336,18 +348,31 @@ impl Sum {
 
 /// Every figure of a run, for the JSON and the table.
 struct Figures<'a> {
+    /// The options the run was given.
     opts: &'a SessionOpts,
+    /// Sessions in use (the users when `--sessions` is 0).
     sessions: u64,
+    /// Connections in use (never more than the users).
     connections: u64,
+    /// Wall-clock length of the run.
     secs: f64,
+    /// The generator's CPU seconds, when /proc tells.
     cpu: Option<f64>,
+    /// The connections' reports, added up.
     sum: &'a Sum,
+    /// Cache hits over GETs, from STATS before and after.
     hit_rate: Option<f64>,
+    /// LOCKs that found the lock held over all LOCKs, from STATS before and after.
     contention: Option<f64>,
+    /// Acknowledged messages missing from the final states.
     lost_updates: u64,
+    /// Messages in the final states beyond what their users had acknowledged.
     extra_updates: u64,
+    /// Mixed answers, foreign values and repeated or missing request ids, all told.
     mixed: u64,
+    /// The first problem, to show.
     first_problem: Option<String>,
+    /// Whether every check passed.
     passed: bool,
 }
 
