@@ -40,10 +40,14 @@ impl Daemon {
                 .then(|| usize::try_from(config.cache_max_bytes).unwrap_or(usize::MAX)),
             shards: config.cache_shards,
         });
+        let lock_limits = config.lock_limits();
         Daemon {
             config,
             cache,
-            locks: Arc::new(LockTable::with_fences_after(wall_clock_micros())),
+            locks: Arc::new(LockTable::with_fences_after(
+                wall_clock_micros(),
+                lock_limits,
+            )),
             meter: RequestMeter::new(started),
             connections: ConnectionCounters::default(),
             started,
