@@ -26,12 +26,15 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use scaled::cmd::Reply;
-use scaled::locks::{Fenced, Grant, LockInfo, LockStats, Status, FENCE_RETENTION};
+use scaled::locks::{
+    Fenced, Grant, LockInfo, LockStats, Status, AUTO_RENEW_MIN_LEASE, DEFAULT_MAX_LOCKS,
+    DEFAULT_MAX_WAITERS, FENCE_RETENTION,
+};
 use scaled_client::frame::{begin_frame, finish_frame, push_frame, take_frame, LEN_PREFIX};
 use scaled_client::proto::{
     decode_request, write_err, write_ok_key, write_response_head, Args, CommandName, ErrorCode,
-    Fence, Request, Response, WireError, MAX_FRAME_LEN, MAX_KEY_LEN, MAX_PING_DELAY_MS,
-    MAX_VALUE_LEN, PROTOCOL_VERSION,
+    Fence, Request, Response, WireError, MAX_CLIENT_NAME_LEN, MAX_FRAME_LEN, MAX_KEY_LEN,
+    MAX_PING_DELAY_MS, MAX_VALUE_LEN, PROTOCOL_VERSION,
 };
 
 use common::{RawConn, TestDaemon, STARTUP_LIMIT};
@@ -787,6 +790,10 @@ fn the_limits_table_states_the_limits_of_the_code() {
         ("PING delay", MAX_PING_DELAY_MS),
         ("lock lease and wait", MAX_LOCK_MS),
         ("lock record retention", FENCE_RETENTION.as_secs()),
+        ("HELLO client name", MAX_CLIENT_NAME_LEN as u64),
+        ("lock records", DEFAULT_MAX_LOCKS as u64),
+        ("waiters per lock", DEFAULT_MAX_WAITERS as u64),
+        ("auto-renew lease", AUTO_RENEW_MIN_LEASE.as_millis() as u64),
     ] {
         assert!(
             limits.contains(&value.to_string()),

@@ -19,6 +19,10 @@ pub const MAX_KEY_LEN: usize = 1024;
 /// Largest cache value, in bytes.
 pub const MAX_VALUE_LEN: usize = 1024 * 1024;
 
+/// Longest client name HELLO accepts, in bytes: it is shown as the owner of every lock the connection
+/// holds, so it must stay small for LOCKS answers to stay small.
+pub const MAX_CLIENT_NAME_LEN: usize = 256;
+
 /// Longest delay PING accepts (`delay_ms`), so a test tool cannot park a request forever.
 pub const MAX_PING_DELAY_MS: u64 = 60_000;
 

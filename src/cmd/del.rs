@@ -6,13 +6,14 @@ use tokio::time::Instant;
 
 use scaled_client::proto::Args;
 
-use super::{fenced, required_key, CommandResult, Reply};
+use super::{checked_fence, fenced, required_key, CommandResult, Reply};
 use crate::daemon::Daemon;
 
 pub fn run(daemon: &Arc<Daemon>, mut args: Args, now: Instant) -> CommandResult {
     let key = required_key(&mut args)?;
+    let fence = checked_fence(&mut args)?;
     let remove = || daemon.cache.remove(&key, now);
-    let existed = match args.fence.take() {
+    let existed = match fence {
         None => remove(),
         Some(fence) => daemon
             .locks

@@ -8,7 +8,7 @@ use tokio::time::Instant;
 
 use scaled_client::proto::{Args, ErrorCode, MAX_VALUE_LEN};
 
-use super::{fenced, required_key, CommandError, CommandResult, Reply};
+use super::{checked_fence, fenced, required_key, CommandError, CommandResult, Reply};
 use crate::daemon::Daemon;
 
 pub fn run(daemon: &Arc<Daemon>, mut args: Args, now: Instant) -> CommandResult {
@@ -33,8 +33,9 @@ pub fn run(daemon: &Arc<Daemon>, mut args: Args, now: Instant) -> CommandResult 
     };
     // A TTL too long to add to the clock is as good as none.
     let expires_at = ttl.and_then(|t| now.checked_add(t));
+    let fence = checked_fence(&mut args)?;
     let write = || daemon.cache.set(&key, Bytes::from(value), expires_at, now);
-    let written = match args.fence.take() {
+    let written = match fence {
         None => write(),
         Some(fence) => daemon
             .locks
