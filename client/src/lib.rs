@@ -27,5 +27,5 @@ pub mod proto;
 
 pub use client::{Client, Endpoint};
 pub use error::{Error, Result};
-pub use lock::{LockGuard, LockOptions, LockStatus};
+pub use lock::{LockGuard, LockOptions, LockStatus, LocksPage};
 pub use proto::{ErrorCode, MAX_FRAME_LEN, MAX_KEY_LEN, MAX_VALUE_LEN, PROTOCOL_VERSION};

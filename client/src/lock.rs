@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use crate::client::Client;
 use crate::error::{Error, Result};
-use crate::proto::{Args, CommandName, Fence};
+use crate::proto::{Args, CommandName, Fence, MAX_LOCKS_PAGE};
 
 /// How to take a lock. The defaults are the daemon's: LOCK_TIMEOUT for the lease, and
 /// LOCK_RETRY_DELAY × LOCK_MAX_RETRIES for the wait.
@@ -45,6 +45,44 @@ impl LockStatus {
                 )))
             }
         })
+    }
+}
+
+/// One page of the LOCKS listing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LocksPage {
+    /// One map per held lock, by key (see proto-spec.md for its members).
+    pub locks: Vec<rmpv::Value>,
+    /// How many locks are held now, on every page.
+    pub total: u64,
+    /// Pass this as `after` for the next page; `None` on the last page.
+    pub next: Option<String>,
+}
+
+impl LocksPage {
+    fn parse(value: rmpv::Value) -> Result<LocksPage> {
+        // A daemon older than paging ignores `limit` and answers the whole list as an array.
+        if let rmpv::Value::Array(locks) = value {
+            return Ok(LocksPage {
+                total: locks.len() as u64,
+                locks,
+                next: None,
+            });
+        }
+        let locks = field(&value, "locks").and_then(rmpv::Value::as_array);
+        let total = field(&value, "total").and_then(rmpv::Value::as_u64);
+        let next = match field(&value, "next") {
+            None | Some(rmpv::Value::Nil) => Ok(None),
+            Some(v) => v.as_str().map(|s| Some(s.to_string())).ok_or(()),
+        };
+        match (locks, total, next) {
+            (Some(locks), Some(total), Ok(next)) => Ok(LocksPage {
+                locks: locks.clone(),
+                total,
+                next,
+            }),
+            _ => Err(Error::Protocol(format!("LOCKS answered {value}"))),
+        }
     }
 }
 
@@ -201,9 +239,32 @@ impl Client {
         self.del_with(key, Some(fence)).await
     }
 
-    /// The LOCKS listing: one map per held lock.
+    /// The whole LOCKS listing, one map per held lock, by key: every page, asked for in turn. Locks
+    /// taken or released while it pages may or may not be listed; a lock held throughout is listed once.
     pub async fn locks(&self) -> Result<rmpv::Value> {
-        self.call(CommandName::Locks, Args::default()).await
+        let mut rows = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.locks_page(after.as_deref(), None).await?;
+            let last = page.locks.len();
+            rows.extend(page.locks);
+            match page.next {
+                // A page that ends early yet names a next one would loop for ever: stop instead.
+                Some(next) if last > 0 => after = Some(next),
+                _ => return Ok(rmpv::Value::Array(rows)),
+            }
+        }
+    }
+
+    /// One page of LOCKS: the held locks whose keys come after `after` (from the first without it),
+    /// at most `limit` of them (the daemon's page size, [`MAX_LOCKS_PAGE`], without it or past it).
+    pub async fn locks_page(&self, after: Option<&str>, limit: Option<u64>) -> Result<LocksPage> {
+        let args = Args {
+            limit: Some(limit.unwrap_or(MAX_LOCKS_PAGE)),
+            after: after.map(str::to_string),
+            ..Args::default()
+        };
+        LocksPage::parse(self.call(CommandName::Locks, args).await?)
     }
 
     async fn acquire(&self, key: &str, options: LockOptions, try_only: bool) -> Result<LockGuard> {

@@ -154,7 +154,7 @@ pub fn dispatch(daemon: &Arc<Daemon>, peer: &mut Peer, request: Request, now: In
         CommandName::Lock => lock::run(daemon, peer, args, now),
         CommandName::Unlock => unlock::run(daemon, args, now).into(),
         CommandName::Extend => extend::run(daemon, args, now).into(),
-        CommandName::Locks => locks::run(daemon, now).into(),
+        CommandName::Locks => locks::run(daemon, args, now).into(),
         CommandName::Unknown => Outcome::Done(Err(CommandError::new(
             ErrorCode::UnknownCommand,
             "unknown command; see proto-spec.md for the list",

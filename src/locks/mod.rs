@@ -53,7 +53,7 @@ pub const AUTO_RENEW_MIN_LEASE: Duration = Duration::from_secs(1);
 
 /// The most rows one LOCKS answer holds. A row is at most about 1.4 KB (a 1024-byte key, a 256-byte
 /// client name), so a full page stays well under the 2 MiB frame limit.
-pub const MAX_LOCKS_PAGE: usize = 1000;
+pub const MAX_LOCKS_PAGE: usize = scaled_client::proto::MAX_LOCKS_PAGE as usize;
 
 /// Default of `SCALED_MAX_LOCKS`: lock records kept at once.
 pub const DEFAULT_MAX_LOCKS: usize = 100_000;
