@@ -274,7 +274,10 @@ impl LockTable {
                 // A new record: make room under the limit by pruning the oldest free ones, if any.
                 if !st.make_room(now) {
                     st.counters.overloaded += 1;
-                    return Acquire::Refused(Limit::Records(st.limits.max_records));
+                    let max = st.limits.max_records;
+                    // Ending overdue leases may have granted a waiter, with a deadline to watch.
+                    self.unlock_and_wake(st);
+                    return Acquire::Refused(Limit::Records(max));
                 }
                 let k: Arc<str> = Arc::from(key);
                 st.entries.insert(k.clone(), Default::default());

@@ -209,6 +209,29 @@ fn at_the_record_limit_the_oldest_free_record_goes_and_the_fence_floor_rises() {
 }
 
 #[test]
+fn at_the_record_limit_an_overdue_lease_makes_room_without_the_expiry_task() {
+    let table = limited(2, 8);
+    let now = Instant::now();
+    let short = granted(table.acquire("short", req(1, 5), now));
+    granted(table.acquire("long", req(1, 60_000), now));
+    // Both held, neither free: nothing to give up yet.
+    assert!(matches!(
+        table.acquire("new", req(2, 60_000), now),
+        Acquire::Refused(Limit::Records(2))
+    ));
+    // Once the short lease is past its deadline, the LOCK ends it and takes its room at once.
+    let later = now + Duration::from_millis(10);
+    let fresh = granted(table.acquire("new", req(2, 60_000), later));
+    assert!(fresh.fence > short.fence);
+    assert_eq!(
+        table.release("short", &short.token, later),
+        Status::NotLocked
+    );
+    let stats = table.stats();
+    assert_eq!((stats.records, stats.held, stats.expiries), (2, 2, 1));
+}
+
+#[test]
 fn a_full_queue_refuses_the_next_waiter_without_effect() {
     let table = limited(100, 2);
     let now = Instant::now();
