@@ -115,8 +115,10 @@ pub(super) struct Counters {
 
 /// Everything the table's mutex guards.
 pub(super) struct State {
-    /// Every lock record, by key.
-    pub(super) entries: HashMap<Arc<str>, Entry>,
+    /// Every lock record, by key. Boxed so that a map slot is two pointers, not a whole record: under
+    /// churn the map holds up to about twice as many slots as records (tombstones make it grow
+    /// before they are swept), and a slot holding the record inline would cost 200 bytes each.
+    pub(super) entries: HashMap<Arc<str>, Box<Entry>>,
     /// Keys held now, in byte order: LOCKS pages through it from a cursor.
     pub(super) held: BTreeSet<Arc<str>>,
     /// Lease deadlines of current holders, by (deadline, fence); the fence makes each key unique.
