@@ -38,8 +38,10 @@ pub struct Config {
     #[arg(long, env = "CACHE_SIZE", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub cache_size: u64,
 
-    /// Most bytes of keys plus values the cache holds; 0 = bounded by CACHE_SIZE only.
-    #[arg(long, env = "CACHE_MAX_BYTES", default_value_t = 0)]
+    /// Most bytes of keys plus values the cache holds; 0 = bounded by CACHE_SIZE only. The default,
+    /// 256 MiB, holds the default 10 000 entries at up to 26 KiB each, while 10 000 values of the
+    /// largest size (1 MiB) could not take 10 GiB of the host's memory.
+    #[arg(long, env = "CACHE_MAX_BYTES", default_value_t = 256 << 20)]
     pub cache_max_bytes: u64,
 
     /// TTL in seconds for a SET that gives none; 0 = such entries never expire.
@@ -91,6 +93,36 @@ pub struct Config {
     #[arg(long, env = "SCALED_MAX_WAITERS", default_value_t = crate::locks::DEFAULT_MAX_WAITERS as u64, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_waiters: u64,
 
+    /// Most requests waiting to finish across all connections together; one more is answered
+    /// OVERLOADED. Bounds what SCALED_MAX_IN_FLIGHT times the connections could otherwise park.
+    #[arg(long, env = "SCALED_MAX_WAITING", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_waiting: u64,
+
+    /// Bytes of connection buffers, across all connections, beyond each connection's 16 KiB for
+    /// reading and 16 KiB for answers: large frames being read and large answers not yet written.
+    /// A frame that does not fit is refused OVERLOADED (connection closed); an answer that does not
+    /// fit is replaced by OVERLOADED.
+    #[arg(long, env = "SCALED_MAX_BUFFER_BYTES", default_value_t = 256 << 20, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_buffer_bytes: u64,
+
+    /// Seconds a new connection has to complete HELLO; 0 = no limit.
+    #[arg(long, env = "SCALED_HELLO_TIMEOUT", default_value = "10", value_parser = parse_secs)]
+    pub hello_timeout: f64,
+
+    /// Seconds a client has to finish sending a frame it has begun; 0 = no limit.
+    #[arg(long, env = "SCALED_FRAME_TIMEOUT", default_value = "30", value_parser = parse_secs)]
+    pub frame_timeout: f64,
+
+    /// Seconds the daemon waits for a client to read its answers before closing the connection;
+    /// 0 = no limit.
+    #[arg(long, env = "SCALED_WRITE_TIMEOUT", default_value = "30", value_parser = parse_secs)]
+    pub write_timeout: f64,
+
+    /// Seconds a connection may sit with nothing to do (no request, nothing waiting, no lock held)
+    /// before it is closed; 0 = never. Pooled connections that are used every few minutes stay.
+    #[arg(long, env = "SCALED_IDLE_TIMEOUT", default_value = "600", value_parser = parse_secs)]
+    pub idle_timeout: f64,
+
     /// Threads serving requests. One serves hundreds of thousands of requests per second and leaves
     /// the host's other cores to the app servers; raise it where cores sit idle. 0 = one per core.
     #[arg(long, env = "SCALED_WORKER_THREADS", default_value_t = 1)]
@@ -104,10 +136,35 @@ pub struct Config {
     #[arg(long, env = "SCALED_LOG", default_value = "info")]
     pub log: String,
 
+    // Operations: log format and the Prometheus endpoint.
+    /// Log line format: `text` for people, `json` (one object a line) for log collectors. Colour codes
+    /// are written only when stderr is a terminal.
+    #[arg(long, env = "SCALED_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Serve Prometheus metrics at `GET /metrics` over HTTP: a PORT (bound to 127.0.0.1) or HOST:PORT.
+    /// Off by default.
+    #[arg(long, env = "SCALED_METRICS", value_parser = parse_tcp)]
+    pub metrics: Option<SocketAddr>,
+
+    /// Allow --metrics to bind an address other than loopback. The endpoint has no authentication.
+    #[arg(long, env = "SCALED_METRICS_ALLOW_REMOTE")]
+    pub metrics_allow_remote: bool,
+
     /// Print the effective configuration as JSON and exit.
     #[arg(long)]
     #[serde(skip)]
     pub print_config: bool,
+}
+
+/// How log lines are written.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line: timestamp, level, message, and the event's fields at the top level.
+    Json,
 }
 
 impl Config {
@@ -132,6 +189,11 @@ impl Config {
             max_records: usize::try_from(self.max_locks).unwrap_or(usize::MAX),
             max_waiters: usize::try_from(self.max_waiters).unwrap_or(usize::MAX),
         }
+    }
+
+    /// A timeout setting as a duration; `None` when it is 0 (no limit).
+    pub fn timeout(secs: f64) -> Option<Duration> {
+        (secs > 0.0).then(|| Duration::from_secs_f64(secs))
     }
 
     /// The shutdown grace period.
@@ -188,6 +250,12 @@ mod tests {
         assert_eq!(c.socket_mode, 0o660);
         assert_eq!(c.max_locks, 100_000);
         assert_eq!(c.max_waiters, 1024);
+        assert_eq!(c.cache_max_bytes, 256 << 20);
+        assert_eq!(
+            Config::timeout(c.idle_timeout),
+            Some(Duration::from_secs(600))
+        );
+        assert_eq!(Config::timeout(0.0), None);
     }
 
     #[test]
@@ -208,5 +276,10 @@ mod tests {
         }
         let c = Config::try_parse_from(["scaled", "--tcp", "7000"]).unwrap();
         assert_eq!(c.tcp, Some("127.0.0.1:7000".parse().unwrap()));
+        let c = Config::try_parse_from(["scaled", "--metrics", "9150", "--log-format", "json"])
+            .unwrap();
+        assert_eq!(c.metrics, Some("127.0.0.1:9150".parse().unwrap()));
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert!(Config::try_parse_from(["scaled", "--log-format", "xml"]).is_err());
     }
 }

@@ -3,109 +3,373 @@
 //!
 //! Requests that answer at once are answered in the order they arrived. Requests that must wait run as
 //! tasks in a `JoinSet` owned by this connection; their answers are written whenever they finish, in any
-//! order. Answers are gathered into one buffer and written with one call per wake-up, so a pipelining
+//! order. Answers are gathered into one buffer and written as the socket takes them, so a pipelining
 //! client costs one write for many answers.
 //!
-//! When the connection ends, dropping the `JoinSet` cancels every request still waiting.
+//! What one connection may hold is bounded, so that no client, however buggy or hostile, can stall the
+//! others or take the host's memory:
+//!
+//! - **Reading** takes memory as a frame's bytes arrive, never on the word of its length prefix; past
+//!   [`BASE`] bytes the growth is charged to the daemon-wide buffer budget, and a frame that does not
+//!   fit is refused. After a large frame the buffer goes back to its base size.
+//! - **Answers** not yet read by the client stop the connection from taking new requests once they pass
+//!   [`BACKLOG`] bytes; an answer that would take the buffer past its base size is charged to the
+//!   budget too, and replaced by `OVERLOADED` if it does not fit (only answers without side effects are
+//!   large: GET, STATS, LOCKS).
+//! - **Work per wake-up** is at most [`BATCH`] requests; then the task yields, so one connection with a
+//!   2 MiB read of tiny requests cannot hold a worker thread from the others.
+//! - **Time**: HELLO, a begun frame, reading the answers, and doing nothing at all each have a timeout.
+//!
+//! When the connection ends (the peer closes or shuts down its write side, a timeout, an error), its
+//! locks are released at once, before any answers still unwritten are flushed; dropping the `JoinSet`
+//! cancels every request still waiting.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use scaled_client::frame::{begin_frame, finish_frame, take_frame};
+use scaled_client::frame::{begin_frame, finish_frame, missing, take_frame};
 use scaled_client::proto::{
     decode_request, write_err, write_ok_key, write_response_head, ErrorCode, MAX_FRAME_LEN,
 };
 
-use crate::cmd::{self, CommandError, CommandResult, Outcome, Peer};
+use crate::budget::{Charge, Slot};
+use crate::cmd::{self, CommandError, CommandResult, Outcome, Peer, Reply};
+use crate::config::Config;
 use crate::context::RequestContext;
 use crate::daemon::Daemon;
+use crate::throttle::Throttle;
+use crate::throttled_warn;
 
-/// Read buffer size to start with; grows to fit a large frame.
-const READ_BUF: usize = 16 * 1024;
+/// Bytes each buffer (reading, answers) may hold without charging the daemon-wide budget. Enough for
+/// hundreds of pipelined small requests or answers.
+pub const BASE: usize = 16 * 1024;
 
-/// Serves one connection until the peer closes it, it breaks, or shutdown drains it.
+/// Unread answers past which the connection takes no new requests until the client reads.
+pub const BACKLOG: usize = 64 * 1024;
+
+/// Most requests run per wake-up before the task yields to the other connections.
+const BATCH: usize = 256;
+
+/// Timeouts and other connection closes a client can cause at will: logged, but at most once a second.
+static CLOSED: Throttle = Throttle::new();
+/// Refusals for lack of buffer budget or waiting slots.
+static REFUSED: Throttle = Throttle::new();
+
+/// What a request that waits is: its context and the answer it finishes with.
+type Waiting = JoinSet<(RequestContext, CommandResult)>;
+
+/// Serves one connection until the peer closes it, it breaks, a timeout closes it, or shutdown drains
+/// it.
 pub async fn serve<R, W>(daemon: Arc<Daemon>, conn_id: u64, mut reader: R, mut writer: W)
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut peer = Peer::new(conn_id);
-    let _departure = Departure {
+    let departure = Departure {
         daemon: &daemon,
         conn_id,
         alive: peer.alive.clone(),
     };
-    let mut inbuf = BytesMut::with_capacity(READ_BUF);
-    let mut out: Vec<u8> = Vec::with_capacity(READ_BUF);
-    let mut waiting: JoinSet<(RequestContext, CommandResult)> = JoinSet::new();
+    let timeouts = Timeouts::new(&daemon.config);
+    let mut bufs = Buffers::new();
+    let mut waiting: Waiting = JoinSet::new();
     let max_in_flight = usize::try_from(daemon.config.max_in_flight).unwrap_or(usize::MAX);
-    // Reading stops at end of stream, at shutdown, or after a frame that breaks the stream.
+    let opened = Instant::now();
+    // The last time the client did something: a request read, or answers taken off the socket.
+    let mut last_active = opened;
+    // When the unfinished frame at the front of the read buffer began to arrive.
+    let mut frame_began: Option<Instant> = None;
+    // When the answers waiting to be written last made progress.
+    let mut write_stalled: Option<Instant> = None;
+    // Reading stops at end of stream, at shutdown, at a timeout, or after a frame that breaks the
+    // stream; the connection ends once nothing waits and every answer is written.
     let mut reading = true;
-    let mut close_after_write = false;
+    // A large frame being decoded on the blocking pool; no further frame is taken until it has run.
+    let mut aside: Option<JoinHandle<(Decoded, Instant)>> = None;
     // Made once: a fresh future per pass would register and unregister with the token every request.
     let shutdown = daemon.shutdown.cancelled();
     tokio::pin!(shutdown);
 
     loop {
+        let backlogged = bufs.unwritten() >= BACKLOG;
+        let mut more = false;
+        if reading && aside.is_none() && !backlogged && missing(&bufs.inbuf, MAX_FRAME_LEN) == 0 {
+            let waits = (&mut waiting, max_in_flight);
+            match drain_frames(&daemon, &mut peer, &mut bufs, waits) {
+                Drained::AllThere => {}
+                Drained::More => more = true,
+                Drained::Aside(body, taken) => {
+                    bufs.aside = body.capacity();
+                    aside = Some(tokio::task::spawn_blocking(move || {
+                        (decode_request(&body), taken)
+                    }));
+                }
+                Drained::Broken => {
+                    reading = false;
+                    waiting.abort_all();
+                }
+            }
+            // A frame was taken: whatever is left is a new frame, with its own time to finish.
+            frame_began = None;
+            last_active = Instant::now();
+        }
+        frame_began = match (bufs.inbuf.is_empty(), frame_began) {
+            (true, _) => None,
+            (false, None) => Some(Instant::now()),
+            (false, began) => began,
+        };
+        if bufs.unwritten() == 0 {
+            write_stalled = None;
+        } else if write_stalled.is_none() {
+            write_stalled = Some(Instant::now());
+        }
+        if !reading && waiting.is_empty() && aside.is_none() && bufs.unwritten() == 0 {
+            break;
+        }
+        let idle = reading
+            && waiting.is_empty()
+            && aside.is_none()
+            && bufs.inbuf.is_empty()
+            && bufs.unwritten() == 0;
+        let deadline = [
+            timeouts.hello.filter(|_| !peer.greeted).map(|t| opened + t),
+            timeouts
+                .frame
+                .zip(frame_began.filter(|_| reading && !backlogged))
+                .map(|(t, at)| at + t),
+            timeouts.write.zip(write_stalled).map(|(t, at)| at + t),
+            timeouts.idle.filter(|_| idle).map(|t| last_active + t),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        // While answers pile up unread, or a large frame is decoded aside, read only a little more:
+        // enough to see the client close or shut down its write side, never an unbounded backlog of
+        // requests.
+        let taking = !backlogged && aside.is_none();
+        let may_read = reading && !more && (taking || bufs.inbuf.len() < BASE);
+        if may_read {
+            bufs.make_room();
+        }
+        if !bufs.settle(&daemon) {
+            // The room for the frame being read does not fit the budget: refuse that frame.
+            refuse_buffer(&mut bufs, conn_id);
+            reading = false;
+            waiting.abort_all();
+            continue;
+        }
+
         tokio::select! {
             // Answers of waiting requests go out first: they are the ones that have been waiting.
             biased;
             Some(joined) = waiting.join_next(), if !waiting.is_empty() => {
                 if let Ok((ctx, result)) = joined {
-                    respond(&daemon, &mut out, &ctx, &result);
+                    respond(&daemon, &mut bufs, &ctx, result);
                 }
             }
+            joined = join_aside(&mut aside), if aside.is_some() => {
+                aside = None;
+                bufs.aside = 0;
+                last_active = Instant::now();
+                match joined {
+                    Ok((decoded, taken)) => {
+                        let waits = (&mut waiting, max_in_flight);
+                        run_request(&daemon, &mut peer, &mut bufs, waits, decoded, taken);
+                    }
+                    Err(e) => {
+                        tracing::error!(conn = conn_id, error = %e, "decoding a frame failed; closing");
+                        reading = false;
+                        waiting.abort_all();
+                    }
+                }
+            }
+            written = writer.write(&bufs.out[bufs.written..]), if bufs.unwritten() > 0 => match written {
+                Ok(0) | Err(_) => {
+                    tracing::debug!(conn = conn_id, "write failed; closing");
+                    return;
+                }
+                Ok(n) => {
+                    bufs.wrote(n);
+                    last_active = Instant::now();
+                    write_stalled = None;
+                }
+            },
             _ = &mut shutdown, if reading => {
                 reading = false;
             }
             // Reading never pauses for requests in flight: that is how the daemon sees a client
             // close (and frees its locks) at once, and how a holder's UNLOCK is read even while
             // its connection has many LOCKs waiting.
-            read = reader.read_buf(&mut inbuf), if reading => {
-                match read {
-                    Ok(0) => {
-                        if !inbuf.is_empty() {
-                            let message = format!(
-                                "stream ended {} bytes into a frame", inbuf.len()
-                            );
-                            respond_unmatched(&mut out, ErrorCode::Malformed, &message);
-                        }
-                        // The peer is gone or done: what still waits is cancelled with the set.
-                        waiting.abort_all();
-                        reading = false;
+            read = reader.read_buf(&mut bufs.inbuf), if may_read => match read {
+                Ok(0) => {
+                    // The peer is gone or done: its locks go now, before anything else is written,
+                    // and what still waits is cancelled. Frames it sent that were not yet run (it was
+                    // not reading its answers) are not run.
+                    departure.release();
+                    waiting.abort_all();
+                    reading = false;
+                    drop_aside(&mut aside, &mut bufs);
+                    if missing(&bufs.inbuf, MAX_FRAME_LEN) > 0 && !bufs.inbuf.is_empty() {
+                        let message =
+                            format!("stream ended {} bytes into a frame", bufs.inbuf.len());
+                        respond_unmatched(&mut bufs.out, ErrorCode::Malformed, &message);
                     }
-                    Ok(_) => {
-                        let waits = (&mut waiting, max_in_flight);
-                        if !drain_frames(&daemon, &mut peer, &mut inbuf, &mut out, waits) {
-                            close_after_write = true;
-                            reading = false;
-                            waiting.abort_all();
-                        }
-                    }
-                    Err(e) => {
-                        tracing::debug!(conn = conn_id, error = %e, "read failed");
-                        return;
-                    }
+                    bufs.inbuf = BytesMut::new();
                 }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(conn = conn_id, error = %e, "read failed");
+                    return;
+                }
+            },
+            _ = sleep_until(deadline), if deadline.is_some() => {
+                let now = Instant::now();
+                if write_stalled.is_some_and(|at| timeouts.write.is_some_and(|t| now >= at + t)) {
+                    throttled_warn!(CLOSED, conn = conn_id, "closing a connection whose client does not read its answers");
+                    return;
+                }
+                if idle && daemon.locks.holds_any(conn_id) {
+                    // A holder may sit idle for as long as it likes: its lock is what it waits on.
+                    last_active = now;
+                    continue;
+                }
+                let why = if !peer.greeted && timeouts.hello.is_some_and(|t| now >= opened + t) {
+                    "no HELLO within SCALED_HELLO_TIMEOUT"
+                } else if idle {
+                    "idle for SCALED_IDLE_TIMEOUT"
+                } else {
+                    "a frame was not finished within SCALED_FRAME_TIMEOUT"
+                };
+                throttled_warn!(CLOSED, conn = conn_id, why, "closing a connection");
+                respond_unmatched(&mut bufs.out, ErrorCode::Timeout, &format!("closing: {why}"));
+                departure.release();
+                reading = false;
+                waiting.abort_all();
+                drop_aside(&mut aside, &mut bufs);
+                bufs.inbuf = BytesMut::new();
             }
-        }
-        if !out.is_empty() {
-            if let Err(e) = writer.write_all(&out).await {
-                tracing::debug!(conn = conn_id, error = %e, "write failed");
-                return;
-            }
-            out.clear();
-        }
-        if close_after_write || (!reading && waiting.is_empty()) {
-            break;
+            // A full batch was run and frames remain: let the other connections have the thread.
+            _ = tokio::task::yield_now(), if more => {}
         }
     }
+    bufs.settle(&daemon);
     let _ = writer.shutdown().await;
+}
+
+/// Forgets the frame being decoded aside: the connection has ended, so it is never run.
+fn drop_aside<T>(aside: &mut Option<JoinHandle<T>>, bufs: &mut Buffers) {
+    if let Some(handle) = aside.take() {
+        handle.abort();
+    }
+    bufs.aside = 0;
+}
+
+/// Waits for the frame being decoded aside (never ready without one: the select arm is then off).
+async fn join_aside<T>(handle: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
+    match handle {
+        Some(handle) => handle.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `deadline`, or for ever without one (the select arm is then disabled anyway).
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The connection timeouts in force; `None` is no limit.
+struct Timeouts {
+    hello: Option<Duration>,
+    frame: Option<Duration>,
+    write: Option<Duration>,
+    idle: Option<Duration>,
+}
+
+impl Timeouts {
+    fn new(config: &Config) -> Timeouts {
+        Timeouts {
+            hello: Config::timeout(config.hello_timeout),
+            frame: Config::timeout(config.frame_timeout),
+            write: Config::timeout(config.write_timeout),
+            idle: Config::timeout(config.idle_timeout),
+        }
+    }
+}
+
+/// A connection's two buffers and what they have charged to the daemon-wide budget.
+struct Buffers {
+    /// Bytes read and not yet taken as frames.
+    inbuf: BytesMut,
+    /// Answers encoded and not yet all written; `written` bytes of it are gone.
+    out: Vec<u8>,
+    /// How much of `out` the socket has taken.
+    written: usize,
+    /// Bytes of a frame taken off `inbuf` and being decoded aside; still memory this connection holds.
+    aside: usize,
+    /// Capacity of both buffers beyond [`BASE`] each, as charged to [`Daemon::buffers`].
+    charge: Charge,
+}
+
+impl Buffers {
+    fn new() -> Buffers {
+        Buffers {
+            inbuf: BytesMut::with_capacity(BASE),
+            out: Vec::with_capacity(BASE),
+            written: 0,
+            aside: 0,
+            charge: Charge::default(),
+        }
+    }
+
+    fn unwritten(&self) -> usize {
+        self.out.len() - self.written
+    }
+
+    /// Marks `n` more bytes written; once all are, the buffer is emptied, and shrunk back to its base
+    /// size if a large answer had grown it.
+    fn wrote(&mut self, n: usize) {
+        self.written += n;
+        if self.written >= self.out.len() {
+            self.out.clear();
+            self.written = 0;
+            if self.out.capacity() > 4 * BASE {
+                self.out = Vec::with_capacity(BASE);
+            }
+        }
+    }
+
+    /// Makes sure a read has room: at least the base size, and for a frame larger than that, room
+    /// that doubles as its bytes arrive but never passes the end of the frame.
+    fn make_room(&mut self) {
+        if self.inbuf.is_empty() && self.inbuf.capacity() > 4 * BASE {
+            self.inbuf = BytesMut::with_capacity(BASE);
+        }
+        let spare = self.inbuf.capacity() - self.inbuf.len();
+        if spare >= 4096 {
+            return;
+        }
+        let lacking = missing(&self.inbuf, MAX_FRAME_LEN).max(4096);
+        let step = self.inbuf.capacity().max(BASE).min(lacking);
+        self.inbuf.reserve(step);
+    }
+
+    /// Brings the budget charge in line with the buffers' capacity. False when the read buffer grew
+    /// past what the budget allows.
+    fn settle(&mut self, daemon: &Daemon) -> bool {
+        let needed =
+            self.inbuf.capacity().saturating_sub(BASE) + self.out.capacity().saturating_sub(BASE);
+        self.charge.settle(&daemon.buffers, needed)
+    }
 }
 
 /// Frees what a connection held when it ends, however it ends: a crashed app must not leave a session
@@ -116,8 +380,9 @@ struct Departure<'a> {
     alive: tokio_util::sync::CancellationToken,
 }
 
-impl Drop for Departure<'_> {
-    fn drop(&mut self) {
+impl Departure<'_> {
+    /// Releases the connection's locks now. Safe to call more than once.
+    fn release(&self) {
         // Cancel first: from here on none of this connection's queued LOCKs can be granted.
         self.alive.cancel();
         self.daemon
@@ -126,89 +391,205 @@ impl Drop for Departure<'_> {
     }
 }
 
-/// Runs every complete frame in `inbuf`. A request that would wait while `max_in_flight` requests of
-/// this connection already wait is answered `OVERLOADED` instead, which bounds what one connection
-/// can park in the daemon. Returns false when a frame's length prefix is over the limit: the stream
-/// cannot be trusted past it, so the connection is closed after the answer.
+impl Drop for Departure<'_> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Refuses the frame being read when the buffer budget cannot hold it: the stream cannot go on
+/// without reading that frame, so the connection is closed after the answer.
+fn refuse_buffer(bufs: &mut Buffers, conn_id: u64) {
+    throttled_warn!(
+        REFUSED,
+        conn = conn_id,
+        "buffer budget (SCALED_MAX_BUFFER_BYTES) exhausted; refusing a large frame"
+    );
+    bufs.inbuf = BytesMut::new();
+    respond_unmatched(
+        &mut bufs.out,
+        ErrorCode::Overloaded,
+        "the daemon's buffer budget (SCALED_MAX_BUFFER_BYTES) cannot hold this frame now; \
+         closing, retry later",
+    );
+}
+
+/// How a pass over the read buffer ended.
+enum Drained {
+    /// Every complete frame was run.
+    AllThere,
+    /// A batch was run and complete frames remain.
+    More,
+    /// A frame too large to decode on the serving thread was taken; decode it aside, then go on.
+    Aside(BytesMut, Instant),
+    /// A length prefix was over the limit: the stream cannot be trusted past it.
+    Broken,
+}
+
+/// Frames at least this large are decoded on the blocking pool rather than on the thread that serves
+/// every connection: decoding is linear, but a 2 MiB map of tiny members still takes milliseconds,
+/// and another connection's answers must not wait for it. Order is kept: the connection takes no
+/// further frame until that one has run.
+const DECODE_ASIDE: usize = 64 * 1024;
+
+/// What a decode gives: the request, or its readable id (0 if none) and what was wrong.
+type Decoded = Result<scaled_client::proto::Request, (u64, String)>;
+
+/// Runs up to [`BATCH`] complete frames from the read buffer. Stops early when the answers not yet
+/// written pass [`BACKLOG`], or at a frame to decode aside.
 fn drain_frames(
     daemon: &Arc<Daemon>,
     peer: &mut Peer,
-    inbuf: &mut BytesMut,
-    out: &mut Vec<u8>,
-    (waiting, max_in_flight): (&mut JoinSet<(RequestContext, CommandResult)>, usize),
-) -> bool {
-    loop {
-        let body = match take_frame(inbuf, MAX_FRAME_LEN) {
+    bufs: &mut Buffers,
+    waits: (&mut Waiting, usize),
+) -> Drained {
+    let (waiting, max_in_flight) = waits;
+    for _ in 0..BATCH {
+        if bufs.unwritten() >= BACKLOG {
+            return Drained::AllThere;
+        }
+        let body = match take_frame(&mut bufs.inbuf, MAX_FRAME_LEN) {
             Ok(Some(body)) => body,
-            Ok(None) => return true,
+            Ok(None) => return Drained::AllThere,
             Err(e) => {
                 tracing::debug!(conn = peer.conn_id, error = %e, "frame over the limit; closing");
-                respond_unmatched(out, ErrorCode::FrameTooLarge, &e.to_string());
-                return false;
+                respond_unmatched(&mut bufs.out, ErrorCode::FrameTooLarge, &e.to_string());
+                return Drained::Broken;
             }
         };
         let now = Instant::now();
-        let request = match decode_request(&body) {
-            Ok(request) => request,
-            Err((id, message)) => {
-                let ctx = RequestContext::begin(peer.conn_id, id, None, None, None, now);
-                respond(
-                    daemon,
-                    out,
-                    &ctx,
-                    &Err(CommandError::new(ErrorCode::Malformed, message)),
-                );
-                continue;
-            }
-        };
-        let ctx = RequestContext::begin(
-            peer.conn_id,
-            request.id,
-            Some(request.cmd),
-            request.session_id.as_deref(),
-            request.user_id.as_deref(),
+        if body.len() >= DECODE_ASIDE {
+            return Drained::Aside(body, now);
+        }
+        let decoded = decode_request(&body);
+        drop(body);
+        run_request(
+            daemon,
+            peer,
+            bufs,
+            (&mut *waiting, max_in_flight),
+            decoded,
             now,
         );
-        let outcome = {
-            let _entered = ctx.span.enter();
-            cmd::dispatch(daemon, peer, request, now)
-        };
-        match outcome {
-            Outcome::Done(result) => respond(daemon, out, &ctx, &result),
-            Outcome::Later(_) if waiting.len() >= max_in_flight => {
-                // Dropping the future undoes it: a queued LOCK leaves its queue.
-                let message = format!(
-                    "{max_in_flight} requests of this connection are already waiting; \
-                     retry when some finish, or use another connection"
-                );
-                respond(
-                    daemon,
-                    out,
-                    &ctx,
-                    &Err(CommandError::new(ErrorCode::Overloaded, message)),
-                );
-            }
-            Outcome::Later(pending) => {
-                let span = ctx.span.clone();
-                waiting.spawn(async move { (ctx, pending.await) }.instrument(span));
-            }
+    }
+    if missing(&bufs.inbuf, MAX_FRAME_LEN) == 0 {
+        Drained::More
+    } else {
+        Drained::AllThere
+    }
+}
+
+/// Runs one decoded request and appends its answer, or starts it waiting. A request that would wait
+/// while `max_in_flight` requests of this connection, or SCALED_MAX_WAITING of the whole daemon,
+/// already wait is answered `OVERLOADED` instead, which bounds what clients can park in the daemon.
+fn run_request(
+    daemon: &Arc<Daemon>,
+    peer: &mut Peer,
+    bufs: &mut Buffers,
+    (waiting, max_in_flight): (&mut Waiting, usize),
+    decoded: Decoded,
+    now: Instant,
+) {
+    let request = match decoded {
+        Ok(request) => request,
+        // Without a readable id the error belongs to no request: id 0 and elapsed_us 0.
+        Err((0, message)) => {
+            respond_unmatched(&mut bufs.out, ErrorCode::Malformed, &message);
+            return;
+        }
+        Err((id, message)) => {
+            let ctx = RequestContext::begin(peer.conn_id, id, None, None, None, now);
+            let error = CommandError::new(ErrorCode::Malformed, message);
+            respond(daemon, bufs, &ctx, Err(error));
+            return;
+        }
+    };
+    let ctx = RequestContext::begin(
+        peer.conn_id,
+        request.id,
+        Some(request.cmd),
+        request.session_id.as_deref(),
+        request.user_id.as_deref(),
+        now,
+    );
+    let outcome = {
+        let _entered = ctx.span.enter();
+        cmd::dispatch(daemon, peer, request, now)
+    };
+    let pending = match outcome {
+        Outcome::Done(result) => return respond(daemon, bufs, &ctx, result),
+        Outcome::Later(pending) => pending,
+    };
+    // Dropping the future undoes it: a queued LOCK leaves its queue.
+    let slot = if waiting.len() >= max_in_flight {
+        Err(format!(
+            "{max_in_flight} requests of this connection are already waiting; \
+             retry when some finish, or use another connection"
+        ))
+    } else {
+        Slot::take(&daemon.waiting).ok_or_else(|| {
+            throttled_warn!(
+                REFUSED,
+                "waiting limit (SCALED_MAX_WAITING) reached; refusing a wait"
+            );
+            "the daemon's limit of waiting requests (SCALED_MAX_WAITING) is reached; retry later"
+                .to_string()
+        })
+    };
+    match slot {
+        Err(message) => {
+            let error = CommandError::new(ErrorCode::Overloaded, message);
+            respond(daemon, bufs, &ctx, Err(error));
+        }
+        Ok(slot) => {
+            let span = ctx.span.clone();
+            // The slot goes back when the future ends, finished or cancelled.
+            waiting.spawn(
+                async move {
+                    let result = pending.await;
+                    drop(slot);
+                    (ctx, result)
+                }
+                .instrument(span),
+            );
         }
     }
 }
 
-/// Appends the response to one request, and files its time with the meter.
-fn respond(daemon: &Daemon, out: &mut Vec<u8>, ctx: &RequestContext, result: &CommandResult) {
+/// Appends the response to one request, files its time with the meter, and logs it. An answer that
+/// would take the answer buffer past its base size must fit the daemon's buffer budget; if it does
+/// not, the client gets `OVERLOADED` instead (large answers come only from commands without side
+/// effects).
+fn respond(daemon: &Daemon, bufs: &mut Buffers, ctx: &RequestContext, result: CommandResult) {
+    let result = match result {
+        Ok(reply) if !fits(daemon, bufs, &reply) => {
+            throttled_warn!(
+                REFUSED,
+                "buffer budget (SCALED_MAX_BUFFER_BYTES) exhausted; refusing a large answer"
+            );
+            Err(CommandError::new(
+                ErrorCode::Overloaded,
+                "the daemon's buffer budget (SCALED_MAX_BUFFER_BYTES) cannot hold this answer \
+                 now; retry later",
+            ))
+        }
+        other => other,
+    };
     let now = Instant::now();
     let elapsed_us = ctx.elapsed_us(now);
-    daemon.meter.record(ctx.cmd, elapsed_us, now);
-    if let Err(e) = result {
-        tracing::debug!(parent: &ctx.span, code = %e.code, message = %e.message, "request failed");
-    }
+    daemon.meter.record(
+        ctx.cmd,
+        result.as_ref().err().map(|e| e.code),
+        elapsed_us,
+        now,
+    );
+    crate::reqlog::finished(ctx, &result, elapsed_us);
+    let out = &mut bufs.out;
     let mut id_text = [0u8; 36];
     let request_id = ctx.request_id.hyphenated().encode_lower(&mut id_text);
     let start = begin_frame(out);
     write_response_head(out, ctx.id, request_id, elapsed_us);
-    match result {
+    match &result {
         Ok(reply) => {
             write_ok_key(out);
             reply.write(out);
@@ -216,6 +597,29 @@ fn respond(daemon: &Daemon, out: &mut Vec<u8>, ctx: &RequestContext, result: &Co
         Err(e) => write_err(out, e.code, &e.message),
     }
     finish_frame(out, start);
+}
+
+/// Whether `reply` can be appended: room in the answer buffer's base size, or budget for the growth.
+/// On success the buffer already has the room, and the budget is charged for it.
+fn fits(daemon: &Daemon, bufs: &mut Buffers, reply: &Reply) -> bool {
+    // The envelope around the reply: id, request_id, elapsed_us and the frame prefix.
+    const ENVELOPE: usize = 128;
+    let need = bufs.out.len() + reply.encoded_len() + ENVELOPE;
+    if need <= bufs.out.capacity() {
+        return true;
+    }
+    let before = bufs.out.capacity();
+    bufs.out.reserve(need - bufs.out.len());
+    if bufs.settle(daemon) {
+        return true;
+    }
+    if before <= BASE {
+        bufs.out.shrink_to(BASE.max(bufs.out.len()));
+    } else {
+        bufs.out.shrink_to(before);
+    }
+    bufs.settle(daemon);
+    false
 }
 
 /// Appends an error that belongs to no request (id 0): a broken stream rather than a bad request.

@@ -3,25 +3,34 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::Budget;
 use crate::cache::{CacheLimits, SessionCache};
 use crate::config::Config;
 use crate::locks::LockTable;
 use crate::meter::RequestMeter;
+use crate::store::Store;
 
 /// The daemon's shared state. One value, behind an `Arc`, handed to every connection.
 pub struct Daemon {
     /// The settings it was started with.
     pub config: Config,
-    /// Session state and anything else the apps cache.
-    pub cache: SessionCache,
+    /// Session state and anything else the apps cache. Commands reach it through [`Daemon::store`];
+    /// STATS and upkeep read it here.
+    pub cache: Arc<SessionCache>,
     /// Session locks. In an `Arc` because waiters hold it to leave their queue when dropped.
     pub locks: Arc<LockTable>,
+    /// Where commands read and write session state and locks, whatever the backend.
+    pub store: Store,
     /// Response times and rates for STATS.
     pub meter: RequestMeter,
+    /// Bytes of connection buffers beyond each connection's base allowance (SCALED_MAX_BUFFER_BYTES).
+    pub buffers: Budget,
+    /// Requests waiting to finish, across all connections (SCALED_MAX_WAITING). In an `Arc` because
+    /// each waiting request holds a slot of it until it ends.
+    pub waiting: Arc<Budget>,
     /// Connection counts for STATS.
     pub connections: ConnectionCounters,
     /// When the daemon started, for uptime.
@@ -34,21 +43,29 @@ impl Daemon {
     /// Fresh state for `config`.
     pub fn new(config: Config) -> Daemon {
         let started = Instant::now();
-        let cache = SessionCache::new(CacheLimits {
+        let cache = Arc::new(SessionCache::new(CacheLimits {
             max_entries: usize::try_from(config.cache_size).unwrap_or(usize::MAX),
             max_bytes: (config.cache_max_bytes > 0)
                 .then(|| usize::try_from(config.cache_max_bytes).unwrap_or(usize::MAX)),
             shards: config.cache_shards,
-        });
-        let lock_limits = config.lock_limits();
+        }));
+        let locks = Arc::new(LockTable::with_fences_after(
+            wall_clock_micros(),
+            config.lock_limits(),
+        ));
+        let store = Store::new(cache.clone(), locks.clone());
+        let buffers = Budget::new(usize::try_from(config.max_buffer_bytes).unwrap_or(usize::MAX));
+        let waiting = Arc::new(Budget::new(
+            usize::try_from(config.max_waiting).unwrap_or(usize::MAX),
+        ));
         Daemon {
             config,
             cache,
-            locks: Arc::new(LockTable::with_fences_after(
-                wall_clock_micros(),
-                lock_limits,
-            )),
+            locks,
+            store,
             meter: RequestMeter::new(started),
+            buffers,
+            waiting,
             connections: ConnectionCounters::default(),
             started,
             shutdown: CancellationToken::new(),
@@ -66,21 +83,16 @@ fn wall_clock_micros() -> u64 {
 /// Connection counts.
 #[derive(Default)]
 pub struct ConnectionCounters {
+    /// Open now.
     current: AtomicU64,
+    /// Accepted since start.
     total: AtomicU64,
+    /// Refused at the connection limit since start.
     refused: AtomicU64,
 }
 
-/// What STATS reports under `connections`.
-#[derive(Serialize, Debug, Clone, PartialEq)]
-pub struct ConnectionStats {
-    /// Open now.
-    pub current: u64,
-    /// Accepted since start.
-    pub total: u64,
-    /// Turned away at the connection limit since start.
-    pub refused: u64,
-}
+/// What STATS reports under `connections`: the client crate's type, one schema for both sides.
+pub use scaled_client::answers::ConnectionStats;
 
 impl ConnectionCounters {
     /// Counts a connection accepted; the guard counts it closed when dropped.
@@ -90,9 +102,11 @@ impl ConnectionCounters {
         OpenConnection(self)
     }
 
-    /// Counts a connection refused at the limit.
+    /// Counts a connection refused at the limit, and says so in the log (at most once per interval,
+    /// so a flood of refusals cannot flood the log too).
     pub fn refused(&self) {
         self.refused.fetch_add(1, Ordering::Relaxed);
+        crate::reqlog::overloaded("connection limit reached; refusing new connections");
     }
 
     /// The counts now.

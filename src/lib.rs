@@ -11,13 +11,23 @@
 //! - [`connection`]: one client connection; reads frames, decodes requests, writes answers as they finish.
 //! - [`context`]: the per-request context (UUID request_id, session_id, user_id, clock, tracing span).
 //! - [`cmd`]: one file per command; [`cmd::dispatch`] decides what a request does.
+//! - [`store`]: the seam between commands and state: the cache and lock table standalone, a second
+//!   tier when Redis is configured. Commands call it and never see the backend.
 //! - [`cache`]: the sharded LRU with per-entry TTL. It knows nothing of sockets.
 //! - [`locks`]: the lock table: FIFO queues, fencing tokens, leases, release when a connection ends.
 //!   It knows a connection only as a number and a cancellation token.
-//! - [`meter`]: response times and rates over a sliding 60-second window.
+//! - [`meter`]: response times and rates over a sliding 60-second window, and since-start totals.
 //! - [`daemon`]: the shared state the connections hold.
+//! - [`budget`]: daemon-wide budgets of buffer bytes and waiting requests, so per-connection limits
+//!   times the connection limit cannot exceed what the host can spare.
+//! - [`rlimit`]: raises the open-file limit so the connection limit, not the kernel, turns clients away.
+//! - [`throttle`]: rate-limited warnings for what a client can cause at will.
+//! - [`stats`]: [`daemon::Daemon::stats`], the one builder of every figure, for STATS and `/metrics`.
+//! - [`metrics`]: the Prometheus endpoint (`--metrics`), rendering those figures.
+//! - [`reqlog`]: each request's log line (debug) and the warnings an operator needs (info).
 //! - [`config`]: every setting, as a flag and an environment variable.
 
+pub mod budget;
 pub mod cache;
 pub mod cmd;
 pub mod config;
@@ -26,4 +36,10 @@ pub mod context;
 pub mod daemon;
 pub mod locks;
 pub mod meter;
+pub mod metrics;
+pub mod reqlog;
+pub mod rlimit;
 pub mod server;
+pub mod stats;
+pub mod store;
+pub mod throttle;

@@ -8,7 +8,7 @@
 use std::fs::{self, File, Permissions};
 use std::io;
 use std::net::SocketAddr;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -29,6 +29,12 @@ use crate::daemon::Daemon;
 /// How often the background sweeper looks for expired cache entries.
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
 
+/// Open files kept for everything but client connections.
+const HEADROOM: u64 = crate::rlimit::HEADROOM;
+
+/// Accept failures (out of file descriptors and the like) are logged at most once a second.
+static ACCEPT_FAILED: crate::throttle::Throttle = crate::throttle::Throttle::new();
+
 /// Slots of each shard the sweeper inspects per pass.
 const SWEEP_BUDGET: usize = 512;
 
@@ -44,6 +50,9 @@ pub enum StartError {
     /// `--tcp` names a non-loopback address without `--tcp-allow-remote`.
     #[error("--tcp {0} is not a loopback address; pass --tcp-allow-remote to allow it")]
     RemoteTcp(SocketAddr),
+    /// The metrics endpoint could not start.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     /// REDIS_URL is set, but this build has only the standalone backend.
     #[error("REDIS_URL is set, but this build of scaled runs standalone only; unset it to run with host-local locks")]
     RedisUnsupported,
@@ -67,6 +76,8 @@ pub struct Server {
     daemon: Arc<Daemon>,
     unix: UnixListener,
     tcp: Option<TcpListener>,
+    /// The Prometheus endpoint's listener, with `--metrics`.
+    metrics: Option<TcpListener>,
     socket_path: PathBuf,
     /// Held for the daemon's life: whoever holds it owns the socket path, so two daemons starting at
     /// once cannot both decide the socket is stale.
@@ -84,6 +95,8 @@ impl Server {
                 return Err(StartError::RemoteTcp(addr));
             }
         }
+        // Before the socket is claimed, so a bad --metrics leaves no socket file behind.
+        let metrics = crate::metrics::bind(&config)?;
         let socket_path = config.socket.clone();
         let path_lock = claim_socket_path(&socket_path)?;
         let unix = UnixListener::bind(&socket_path)
@@ -106,6 +119,7 @@ impl Server {
             daemon: Arc::new(Daemon::new(config)),
             unix,
             tcp,
+            metrics,
             socket_path,
             _path_lock: path_lock,
         })
@@ -127,6 +141,7 @@ impl Server {
             daemon,
             unix,
             tcp,
+            metrics,
             socket_path,
             _path_lock,
         } = self;
@@ -137,11 +152,19 @@ impl Server {
             "scaled serving"
         );
         let tracker = TaskTracker::new();
-        let limit = Arc::new(Semaphore::new(daemon.config.max_connections));
+        let serving = crate::rlimit::fit_connections(daemon.config.max_connections, HEADROOM);
+        let limit = Arc::new(Semaphore::new(serving));
         let ids = Arc::new(AtomicU64::new(1));
 
         tracker.spawn(sweep_cache(daemon.clone()));
         tracker.spawn(daemon.locks.clone().run_expiry(daemon.shutdown.clone()));
+        if let Some(listener) = metrics {
+            tracker.spawn(crate::metrics::serve(
+                listener,
+                daemon.clone(),
+                tracker.clone(),
+            ));
+        }
         let unix_loop = accept_loop(
             unix,
             daemon.clone(),
@@ -176,11 +199,19 @@ impl Server {
     }
 }
 
-/// Makes sure the socket path is ours to bind: creates its directory, takes the lock file beside it,
-/// and removes a stale socket, but never a live daemon's socket or a file that is not a socket.
+/// Makes sure the socket path is ours to bind: creates its directory (0750: the socket's own mode
+/// decides who connects, and nobody else needs to list or add files there), takes the lock file
+/// beside it, and removes a stale socket, but never a live daemon's socket or a file that is not a
+/// socket. The lock file is 0600: a user who could open it could flock it and block every restart.
 fn claim_socket_path(path: &Path) -> Result<File, StartError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o750)
+                .create(dir)
+                .map_err(io_err(format!("creating {}", dir.display())))?;
+        }
     }
     let mut lock_path = path.as_os_str().to_owned();
     lock_path.push(".lock");
@@ -188,6 +219,7 @@ fn claim_socket_path(path: &Path) -> Result<File, StartError> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&lock_path)
         .map_err(io_err(format!(
             "opening {}",
@@ -196,6 +228,9 @@ fn claim_socket_path(path: &Path) -> Result<File, StartError> {
     if lock.try_lock().is_err() {
         return Err(StartError::AlreadyRunning(path.to_path_buf()));
     }
+    // A lock file left by an older daemon may have a wider mode; narrow it.
+    lock.set_permissions(Permissions::from_mode(0o600))
+        .map_err(io_err("setting the lock file's mode"))?;
     match fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(format!("inspecting {}", path.display()))(e)),
@@ -262,9 +297,10 @@ async fn accept_loop<L: Listener>(
     }
 }
 
-/// Out of file descriptors and the like: log, and pause so a persistent failure does not spin.
+/// Out of file descriptors and the like: log (rate-limited), and pause so a persistent failure does
+/// not spin.
 async fn accept_failed(e: io::Error) {
-    tracing::warn!(error = %e, "accept failed");
+    crate::throttled_warn!(ACCEPT_FAILED, error = %e, "accept failed");
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
 

@@ -137,7 +137,14 @@ async fn attacks_on_the_lock_table() {
     // 3. One connection with 100 000 waits queued on one lock leaves (limits raised to allow it).
     measure(
         "withdrawal: a connection with 100 000 queued waits leaves",
-        &["--max-in-flight", "200000", "--max-waiters", "200000"],
+        &[
+            "--max-in-flight",
+            "200000",
+            "--max-waiters",
+            "200000",
+            "--max-waiting",
+            "200000",
+        ],
         |d| async move {
             let mut holder = d.raw().await;
             holder.request(&lock(1, "hot", 600_000, 0, false)).await;

@@ -200,6 +200,10 @@ impl<'a> Reader<'a> {
 /// Reads the members of a map one key at a time: known str keys go to `member`, which reads the value
 /// (nil included: nil means absent, and `member` decides what absence means); unknown keys, str or not,
 /// are skipped with their values; a repeated str key is refused.
+///
+/// The repeat check costs O(1) per member whatever the map's size (a hash set with a randomly keyed
+/// hash, so no input can make it degrade), so decoding stays linear in the frame's size: a map of a
+/// hundred thousand members costs a hundred thousand steps, not their square.
 fn each_member<'a>(
     r: &mut Reader<'a>,
     what: &str,
@@ -207,17 +211,16 @@ fn each_member<'a>(
     mut member: impl FnMut(&mut Reader<'a>, &'a str) -> Result<(), Malformed>,
 ) -> Result<(), Malformed> {
     let len = r.map_len(what)?;
-    let mut seen: Vec<&str> = Vec::with_capacity(len.min(16));
+    let mut seen = Seen::default();
     for _ in 0..len {
         let Some(key) = r.str_if_str()? else {
             r.skip(0)?;
             r.skip(0)?;
             continue;
         };
-        if seen.contains(&key) {
-            return malformed(format!("`{key}` appears twice in {what}"));
+        if !seen.insert(key) {
+            return malformed(format!("`{}` appears twice in {what}", clipped(key)));
         }
-        seen.push(key);
         if known.contains(&key) {
             member(r, key)?;
         } else {
@@ -225,6 +228,47 @@ fn each_member<'a>(
         }
     }
     Ok(())
+}
+
+/// The str keys of one map seen so far. Requests have a handful of members, so a short list scanned
+/// linearly is fastest; past [`Seen::LIST`] members it moves into a hash set.
+#[derive(Default)]
+struct Seen<'a> {
+    list: Vec<&'a str>,
+    set: Option<std::collections::HashSet<&'a str>>,
+}
+
+impl<'a> Seen<'a> {
+    const LIST: usize = 16;
+
+    /// Records `key`; false if it was already there.
+    fn insert(&mut self, key: &'a str) -> bool {
+        if let Some(set) = &mut self.set {
+            return set.insert(key);
+        }
+        if self.list.contains(&key) {
+            return false;
+        }
+        self.list.push(key);
+        if self.list.len() > Self::LIST {
+            self.set = Some(self.list.drain(..).collect());
+        }
+        true
+    }
+}
+
+/// At most the first 64 bytes of a client's string, for quoting in an error message: an answer's size
+/// must not follow the size of what the client sent.
+fn clipped(s: &str) -> std::borrow::Cow<'_, str> {
+    const MAX: usize = 64;
+    if s.len() <= MAX {
+        return s.into();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end]).into()
 }
 
 const ENVELOPE: &[&str] = &["id", "cmd", "args", "session_id", "user_id"];

@@ -48,6 +48,10 @@ pub enum Error {
     /// `INTERNAL`: the daemon failed unexpectedly.
     #[error("INTERNAL: {0}")]
     Internal(String),
+    /// `TIMEOUT`: the daemon closed the connection because it was too slow (no HELLO, an unfinished
+    /// frame, or idle for too long). The client reconnects on its next call.
+    #[error("TIMEOUT: {0}")]
+    ConnectionTimedOut(String),
     /// The connection could not be made, or broke.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
@@ -57,6 +61,10 @@ pub enum Error {
     /// The daemon answered something this client cannot read.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A connect or a request took longer than the timeout set on the [`crate::ClientBuilder`]. A
+    /// request that timed out may still have been applied by the daemon.
+    #[error("timed out: {0}")]
+    Timeout(String),
 }
 
 impl Error {
@@ -77,7 +85,10 @@ impl Error {
             Error::Fenced(_) => ErrorCode::Fenced,
             Error::Unavailable(_) => ErrorCode::Unavailable,
             Error::Internal(_) => ErrorCode::Internal,
-            Error::Io(_) | Error::ConnectionLost | Error::Protocol(_) => return None,
+            Error::ConnectionTimedOut(_) => ErrorCode::Timeout,
+            Error::Io(_) | Error::ConnectionLost | Error::Protocol(_) | Error::Timeout(_) => {
+                return None
+            }
         })
     }
 
@@ -98,6 +109,7 @@ impl Error {
             ErrorCode::Fenced => Error::Fenced(message),
             ErrorCode::Unavailable => Error::Unavailable(message),
             ErrorCode::Internal => Error::Internal(message),
+            ErrorCode::Timeout => Error::ConnectionTimedOut(message),
         }
     }
 }

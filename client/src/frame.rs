@@ -17,7 +17,8 @@ pub struct FrameTooLarge {
 
 /// Takes one complete frame body off the front of `buf`, or `None` when the frame is not all there yet.
 /// Checks the announced length against `max` before waiting for the body, so a huge prefix is refused
-/// without buffering anything.
+/// without buffering anything. It reserves nothing for the missing bytes: memory for a frame is taken
+/// as its bytes arrive, never on the word of its length prefix alone.
 pub fn take_frame(buf: &mut BytesMut, max: usize) -> Result<Option<BytesMut>, FrameTooLarge> {
     if buf.len() < LEN_PREFIX {
         return Ok(None);
@@ -27,11 +28,23 @@ pub fn take_frame(buf: &mut BytesMut, max: usize) -> Result<Option<BytesMut>, Fr
         return Err(FrameTooLarge { len, max });
     }
     if buf.len() < LEN_PREFIX + len {
-        buf.reserve(LEN_PREFIX + len - buf.len());
         return Ok(None);
     }
     buf.advance(LEN_PREFIX);
     Ok(Some(buf.split_to(len)))
+}
+
+/// How many bytes the frame at the front of `buf` still lacks: 0 when [`take_frame`] with the same
+/// `max` would answer at once (a whole frame, or a length prefix over `max`), otherwise at least 1.
+pub fn missing(buf: &[u8], max: usize) -> usize {
+    if buf.len() < LEN_PREFIX {
+        return LEN_PREFIX - buf.len();
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len > max {
+        return 0;
+    }
+    (LEN_PREFIX + len).saturating_sub(buf.len())
 }
 
 /// Starts a frame at the end of `out` and returns where it starts; write the body, then call

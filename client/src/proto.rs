@@ -235,11 +235,15 @@ pub enum ErrorCode {
     Unavailable,
     /// A bug or an unexpected internal failure; the message says more.
     Internal,
+    /// The connection was too slow and is closed after this answer (id 0): no HELLO within
+    /// SCALED_HELLO_TIMEOUT, a frame not finished within SCALED_FRAME_TIMEOUT, or nothing done for
+    /// SCALED_IDLE_TIMEOUT.
+    Timeout,
 }
 
 impl ErrorCode {
     /// Every code, in the order proto-spec.md lists them.
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::Malformed,
         ErrorCode::FrameTooLarge,
         ErrorCode::HelloRequired,
@@ -254,6 +258,7 @@ impl ErrorCode {
         ErrorCode::Fenced,
         ErrorCode::Unavailable,
         ErrorCode::Internal,
+        ErrorCode::Timeout,
     ];
 
     /// The wire name.
@@ -273,6 +278,7 @@ impl ErrorCode {
             ErrorCode::Fenced => "FENCED",
             ErrorCode::Unavailable => "UNAVAILABLE",
             ErrorCode::Internal => "INTERNAL",
+            ErrorCode::Timeout => "TIMEOUT",
         }
     }
 

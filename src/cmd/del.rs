@@ -6,19 +6,19 @@ use tokio::time::Instant;
 
 use scaled_client::proto::Args;
 
-use super::{checked_fence, fenced, required_key, CommandResult, Reply};
+use super::{checked_fence, required_key, CommandError, CommandResult, Reply};
 use crate::daemon::Daemon;
+use crate::store::Step;
 
-pub fn run(daemon: &Arc<Daemon>, mut args: Args, now: Instant) -> CommandResult {
+pub fn run(
+    daemon: &Arc<Daemon>,
+    mut args: Args,
+    now: Instant,
+) -> Result<Step<CommandResult>, CommandError> {
     let key = required_key(&mut args)?;
     let fence = checked_fence(&mut args)?;
-    let remove = || daemon.cache.remove(&key, now);
-    let existed = match fence {
-        None => remove(),
-        Some(fence) => daemon
-            .locks
-            .fenced(&fence.lock, fence.token, remove)
-            .map_err(fenced)?,
-    };
-    Ok(Reply::Bool(existed))
+    Ok(daemon
+        .store
+        .del(&key, fence, now)
+        .map(|existed| Ok(Reply::Bool(existed.map_err(CommandError::from)?))))
 }

@@ -3,29 +3,25 @@
 
 use std::sync::Arc;
 
-use serde::Serialize;
 use tokio::time::Instant;
 
 use scaled_client::proto::Args;
 
-use super::{lock_millis, required_key, required_token, CommandResult, Reply};
+use super::{lock_millis, required_key, required_token, CommandError, CommandResult, Reply};
 use crate::daemon::Daemon;
-use crate::locks::Status;
+use crate::store::Step;
 
-#[derive(Serialize)]
-struct Answer {
-    status: Status,
-    ttl_ms: u64,
-}
-
-pub fn run(daemon: &Arc<Daemon>, mut args: Args, now: Instant) -> CommandResult {
+pub fn run(
+    daemon: &Arc<Daemon>,
+    mut args: Args,
+    now: Instant,
+) -> Result<Step<CommandResult>, CommandError> {
     let key = required_key(&mut args)?;
     let token = required_token(&mut args)?;
     // Without ttl_ms the lease is renewed for the length it was granted with.
     let lease = lock_millis(args.ttl_ms, "ttl_ms")?;
-    let (status, lease) = daemon.locks.extend(&key, &token, lease, now);
-    Reply::encode(&Answer {
-        status,
-        ttl_ms: lease.as_millis() as u64,
-    })
+    Ok(daemon
+        .store
+        .extend(&key, &token, lease, now)
+        .map(|(status, lease)| Ok(Reply::Status(status, Some(lease.as_millis() as u64)))))
 }

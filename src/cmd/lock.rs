@@ -37,7 +37,7 @@ pub fn run(daemon: &Arc<Daemon>, peer: &Peer, mut args: Args, now: Instant) -> O
         try_only: args.try_only.unwrap_or(false) || wait.is_none(),
     };
     match daemon.locks.acquire(&key, request, now) {
-        Acquire::Granted(grant) => Outcome::Done(Reply::encode(&grant)),
+        Acquire::Granted(grant) => Outcome::Done(Ok(Reply::Grant(grant))),
         Acquire::Busy => Outcome::Done(Err(CommandError::new(
             ErrorCode::Locked,
             format!("lock `{key}` is held"),
@@ -61,7 +61,7 @@ pub fn run(daemon: &Arc<Daemon>, peer: &Peer, mut args: Args, now: Instant) -> O
                 // grant that raced with the timeout.
                 tokio::select! {
                     grant = ticket.granted() => match grant {
-                        Some(grant) => Reply::encode(&grant),
+                        Some(grant) => Ok(Reply::Grant(grant)),
                         None => Err(CommandError::new(ErrorCode::Internal, "the wait was dropped")),
                     },
                     _ = tokio::time::sleep(wait) => {

@@ -27,6 +27,8 @@ use tokio_util::sync::CancellationToken;
 use scaled_client::proto::{Args, CommandName, ErrorCode, Fence, Request, MAX_KEY_LEN};
 
 use crate::daemon::Daemon;
+use crate::locks::{Grant, Status};
+use crate::store::{Step, StoreError};
 
 /// A successful answer, written as the response's `ok` value.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +41,12 @@ pub enum Reply {
     Text(&'static str),
     /// MessagePack bin: a cached value.
     Value(Bytes),
+    /// A lock grant, `{token, fence, ttl_ms, waited_us}`: LOCK's answer, written straight into the
+    /// response rather than encoded apart first, since every session message takes one.
+    Grant(Grant),
+    /// `{status}` (UNLOCK), or with a lease in milliseconds `{status, ttl_ms}` (EXTEND): written
+    /// straight into the response, like [`Reply::Grant`].
+    Status(Status, Option<u64>),
     /// A MessagePack value already encoded: maps such as STATS and HELLO.
     Encoded(Vec<u8>),
 }
@@ -49,6 +57,19 @@ impl Reply {
         rmp_serde::to_vec_named(value)
             .map(Reply::Encoded)
             .map_err(|e| CommandError::new(ErrorCode::Internal, format!("encoding reply: {e}")))
+    }
+
+    /// At least the bytes [`Reply::write`] appends (an upper bound on the header's size).
+    pub fn encoded_len(&self) -> usize {
+        match self {
+            Reply::Nil | Reply::Bool(_) => 1,
+            Reply::Text(s) => s.len() + 5,
+            Reply::Value(v) => v.len() + 5,
+            // Four short names, a token and three integers; a status and at most one integer.
+            Reply::Grant(grant) => grant.token.len() + 80,
+            Reply::Status(..) => 40,
+            Reply::Encoded(bytes) => bytes.len(),
+        }
     }
 
     /// Appends the MessagePack encoding. Writing into a `Vec` cannot fail.
@@ -66,8 +87,39 @@ impl Reply {
             Reply::Value(v) => {
                 let _ = rmp::encode::write_bin(out, v);
             }
+            Reply::Grant(grant) => {
+                // The members in the order of `Grant`'s fields, as serde would write them.
+                let _ = rmp::encode::write_map_len(out, 4);
+                let _ = rmp::encode::write_str(out, "token");
+                let _ = rmp::encode::write_str(out, &grant.token);
+                let _ = rmp::encode::write_str(out, "fence");
+                let _ = rmp::encode::write_uint(out, grant.fence);
+                let _ = rmp::encode::write_str(out, "ttl_ms");
+                let _ = rmp::encode::write_uint(out, grant.ttl_ms);
+                let _ = rmp::encode::write_str(out, "waited_us");
+                let _ = rmp::encode::write_uint(out, grant.waited_us);
+            }
+            Reply::Status(status, ttl_ms) => {
+                let _ = rmp::encode::write_map_len(out, 1 + u32::from(ttl_ms.is_some()));
+                let _ = rmp::encode::write_str(out, "status");
+                let _ = rmp::encode::write_str(out, status_name(*status));
+                if let Some(ttl_ms) = ttl_ms {
+                    let _ = rmp::encode::write_str(out, "ttl_ms");
+                    let _ = rmp::encode::write_uint(out, *ttl_ms);
+                }
+            }
             Reply::Encoded(bytes) => out.extend_from_slice(bytes),
         }
+    }
+}
+
+/// A lock status's wire name, as proto-spec.md lists them.
+fn status_name(status: Status) -> &'static str {
+    match status {
+        Status::Ok => "OK",
+        Status::NotLocked => "NOT_LOCKED",
+        Status::NotOwner => "NOT_OWNER",
+        Status::Expired => "EXPIRED",
     }
 }
 
@@ -108,6 +160,35 @@ pub enum Outcome {
 impl From<CommandResult> for Outcome {
     fn from(r: CommandResult) -> Outcome {
         Outcome::Done(r)
+    }
+}
+
+impl From<Step<CommandResult>> for Outcome {
+    fn from(step: Step<CommandResult>) -> Outcome {
+        match step {
+            Step::Ready(r) => Outcome::Done(r),
+            Step::Later(pending) => Outcome::Later(pending),
+        }
+    }
+}
+
+/// A command's checks failed before it reached the store, or the store's step.
+impl From<Result<Step<CommandResult>, CommandError>> for Outcome {
+    fn from(r: Result<Step<CommandResult>, CommandError>) -> Outcome {
+        match r {
+            Ok(step) => step.into(),
+            Err(e) => Outcome::Done(Err(e)),
+        }
+    }
+}
+
+impl From<StoreError> for CommandError {
+    fn from(e: StoreError) -> CommandError {
+        let code = match &e {
+            StoreError::Fenced(_) => ErrorCode::Fenced,
+            StoreError::TooLarge(_) => ErrorCode::TooLarge,
+        };
+        CommandError::new(code, e.to_string())
     }
 }
 
@@ -189,11 +270,6 @@ fn required_token(args: &mut Args) -> Result<String, CommandError> {
         .ok_or_else(|| CommandError::new(ErrorCode::BadArgument, "missing argument `token`"))
 }
 
-/// The answer to a write refused by its fence.
-fn fenced(e: crate::locks::Fenced) -> CommandError {
-    CommandError::new(ErrorCode::Fenced, e.to_string())
-}
-
 /// Longest lease or wait a LOCK may ask for: a day.
 const MAX_LOCK_MS: u64 = 86_400_000;
 
@@ -230,4 +306,57 @@ fn check_key(what: &str, key: &str) -> Result<(), CommandError> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn written(reply: &Reply) -> Vec<u8> {
+        let mut out = Vec::new();
+        reply.write(&mut out);
+        out
+    }
+
+    #[test]
+    fn replies_written_in_place_match_their_serde_encoding() {
+        let grant = Grant {
+            token: "5f0c8a1e-2b7d-4c39-a6e4-1d9b3f7c2e80".into(),
+            fence: 1_764_201_600_000_001,
+            ttl_ms: 30_000,
+            waited_us: 0,
+        };
+        assert_eq!(
+            written(&Reply::Grant(grant.clone())),
+            rmp_serde::to_vec_named(&grant).expect("encodes")
+        );
+        #[derive(serde::Serialize)]
+        struct Unlocked {
+            status: Status,
+        }
+        #[derive(serde::Serialize)]
+        struct Extended {
+            status: Status,
+            ttl_ms: u64,
+        }
+        for status in [
+            Status::Ok,
+            Status::NotLocked,
+            Status::NotOwner,
+            Status::Expired,
+        ] {
+            assert_eq!(
+                written(&Reply::Status(status, None)),
+                rmp_serde::to_vec_named(&Unlocked { status }).expect("encodes")
+            );
+            assert_eq!(
+                written(&Reply::Status(status, Some(60_000))),
+                rmp_serde::to_vec_named(&Extended {
+                    status,
+                    ttl_ms: 60_000
+                })
+                .expect("encodes")
+            );
+        }
+    }
 }

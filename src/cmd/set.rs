@@ -8,10 +8,15 @@ use tokio::time::Instant;
 
 use scaled_client::proto::{Args, ErrorCode, MAX_VALUE_LEN};
 
-use super::{checked_fence, fenced, required_key, CommandError, CommandResult, Reply};
+use super::{checked_fence, required_key, CommandError, CommandResult, Reply};
 use crate::daemon::Daemon;
+use crate::store::Step;
 
-pub fn run(daemon: &Arc<Daemon>, mut args: Args, now: Instant) -> CommandResult {
+pub fn run(
+    daemon: &Arc<Daemon>,
+    mut args: Args,
+    now: Instant,
+) -> Result<Step<CommandResult>, CommandError> {
     let key = required_key(&mut args)?;
     let value = args
         .value
@@ -31,17 +36,12 @@ pub fn run(daemon: &Arc<Daemon>, mut args: Args, now: Instant) -> CommandResult 
         Some(0) => None,
         Some(ms) => Some(Duration::from_millis(ms)),
     };
-    // A TTL too long to add to the clock is as good as none.
-    let expires_at = ttl.and_then(|t| now.checked_add(t));
     let fence = checked_fence(&mut args)?;
-    let write = || daemon.cache.set(&key, Bytes::from(value), expires_at, now);
-    let written = match fence {
-        None => write(),
-        Some(fence) => daemon
-            .locks
-            .fenced(&fence.lock, fence.token, write)
-            .map_err(fenced)?,
-    };
-    written.map_err(|e| CommandError::new(ErrorCode::TooLarge, e.to_string()))?;
-    Ok(Reply::Text("OK"))
+    Ok(daemon
+        .store
+        .set(&key, Bytes::from(value), ttl, fence, now)
+        .map(|written| {
+            written.map_err(CommandError::from)?;
+            Ok(Reply::Text("OK"))
+        }))
 }

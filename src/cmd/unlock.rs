@@ -2,24 +2,23 @@
 
 use std::sync::Arc;
 
-use serde::Serialize;
 use tokio::time::Instant;
 
 use scaled_client::proto::Args;
 
-use super::{required_key, required_token, CommandResult, Reply};
+use super::{required_key, required_token, CommandError, CommandResult, Reply};
 use crate::daemon::Daemon;
-use crate::locks::Status;
+use crate::store::Step;
 
-#[derive(Serialize)]
-struct Answer {
-    status: Status,
-}
-
-pub fn run(daemon: &Arc<Daemon>, mut args: Args, now: Instant) -> CommandResult {
+pub fn run(
+    daemon: &Arc<Daemon>,
+    mut args: Args,
+    now: Instant,
+) -> Result<Step<CommandResult>, CommandError> {
     let key = required_key(&mut args)?;
     let token = required_token(&mut args)?;
-    Reply::encode(&Answer {
-        status: daemon.locks.release(&key, &token, now),
-    })
+    Ok(daemon
+        .store
+        .unlock(&key, &token, now)
+        .map(|status| Ok(Reply::Status(status, None))))
 }

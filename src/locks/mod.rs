@@ -33,6 +33,7 @@ use std::ops::Bound;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::{oneshot, Notify};
@@ -435,6 +436,11 @@ impl LockTable {
         self.unlock_and_wake(st);
     }
 
+    /// Whether connection `conn` holds any lock now.
+    pub fn holds_any(&self, conn: u64) -> bool {
+        self.state.lock().held_by.contains_key(&conn)
+    }
+
     /// Runs `write` only if `token` is the newest grant on `lock`, with no grant able to happen in
     /// between: a holder paused past its lease can never overwrite the next holder's write.
     pub fn fenced<T>(
@@ -545,6 +551,12 @@ impl LockTable {
             wait_p95: secs(0.95),
             wait_p99: secs(0.99),
         }
+    }
+
+    /// Runs `read` on the wait times (µs) of the LOCKs that queued and were granted, since start: the
+    /// histogram behind `wait_p50`..`wait_p99`, which /metrics exposes in full.
+    pub fn read_waits<T>(&self, read: impl FnOnce(&Histogram<u32>) -> T) -> T {
+        read(&self.state.lock().waits)
     }
 
     /// The locks held now whose keys come after `after` (from the first without it), in key order, at

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod probe;
+pub mod watch;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -41,6 +42,9 @@ const DAEMON_ENV: &[&str] = &[
     "SCALED_SHUTDOWN_TIMEOUT",
     "SCALED_WORKER_THREADS",
     "SCALED_LOG",
+    "SCALED_LOG_FORMAT",
+    "SCALED_METRICS",
+    "SCALED_METRICS_ALLOW_REMOTE",
 ];
 
 /// A running daemon, killed when dropped.
@@ -53,9 +57,44 @@ pub struct TestDaemon {
 impl TestDaemon {
     /// Starts `scaled --socket <tmp>/scaled.sock <extra>` and waits until it accepts connections.
     pub fn start(extra: &[&str]) -> TestDaemon {
+        TestDaemon::start_logging_to(extra, Stdio::inherit())
+    }
+
+    /// Like [`TestDaemon::start`], with the daemon's stderr (its log) going to `stderr`.
+    pub fn start_logging_to(extra: &[&str], stderr: impl Into<Stdio>) -> TestDaemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("scaled.sock");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_scaled"));
+        let command = Command::new(env!("CARGO_BIN_EXE_scaled"));
+        TestDaemon::spawn(command, socket, dir, extra, stderr.into())
+    }
+
+    /// Starts the daemon on `socket` (its directory need not exist yet).
+    pub fn start_at(socket: &std::path::Path, extra: &[&str]) -> TestDaemon {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let command = Command::new(env!("CARGO_BIN_EXE_scaled"));
+        TestDaemon::spawn(command, socket.to_path_buf(), dir, extra, Stdio::inherit())
+    }
+
+    /// Starts the daemon through `sh -c SCRIPT`, where the script ends with `exec "$0" "$@"` (for
+    /// example to set a ulimit first).
+    pub fn start_wrapped(script: &str, extra: &[&str]) -> TestDaemon {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("scaled.sock");
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(script)
+            .arg(env!("CARGO_BIN_EXE_scaled"));
+        TestDaemon::spawn(command, socket, dir, extra, Stdio::inherit())
+    }
+
+    fn spawn(
+        mut cmd: Command,
+        socket: PathBuf,
+        dir: tempfile::TempDir,
+        extra: &[&str],
+        stderr: Stdio,
+    ) -> TestDaemon {
         for var in DAEMON_ENV {
             cmd.env_remove(var);
         }
@@ -64,6 +103,7 @@ impl TestDaemon {
             .arg(&socket)
             .args(extra)
             .stdin(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("spawn scaled");
         let daemon = TestDaemon { child, socket, dir };
@@ -173,15 +213,19 @@ impl RawConn {
         self.send(&request.to_msgpack()).await;
     }
 
-    /// The next response, or `None` when the daemon closed the connection. Fails the test after 20 s.
+    /// The next response, or `None` when the daemon closed the connection (a reset included: a
+    /// daemon that closes with bytes of ours unread resets). Fails the test after 20 s.
     pub async fn recv(&mut self) -> Option<Response> {
         tokio::time::timeout(STARTUP_LIMIT, async {
             loop {
                 if let Some(body) = take_frame(&mut self.buf, MAX_FRAME_LEN).expect("frame size") {
                     return Some(Response::decode(&body).expect("decodable response"));
                 }
-                if self.stream.read_buf(&mut self.buf).await.expect("read") == 0 {
-                    return None;
+                match self.stream.read_buf(&mut self.buf).await {
+                    Ok(0) => return None,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+                    Err(e) => panic!("read: {e}"),
                 }
             }
         })
