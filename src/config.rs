@@ -83,6 +83,16 @@ pub struct Config {
     #[arg(long, env = "SCALED_MAX_IN_FLIGHT", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_in_flight: u64,
 
+    /// Most lock records kept at once: locks held (with their queues) plus free locks kept for their
+    /// fencing token. At the limit the oldest free record is pruned; when every record is held, a LOCK
+    /// of a new key is answered OVERLOADED.
+    #[arg(long, env = "SCALED_MAX_LOCKS", default_value_t = crate::locks::DEFAULT_MAX_LOCKS as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_locks: u64,
+
+    /// Most LOCKs waiting on one lock at once; one more is answered OVERLOADED.
+    #[arg(long, env = "SCALED_MAX_WAITERS", default_value_t = crate::locks::DEFAULT_MAX_WAITERS as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_waiters: u64,
+
     /// Most requests waiting to finish across all connections together; one more is answered
     /// OVERLOADED. Bounds what SCALED_MAX_IN_FLIGHT times the connections could otherwise park.
     #[arg(long, env = "SCALED_MAX_WAITING", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..))]
@@ -173,6 +183,14 @@ impl Config {
         Duration::from_secs_f64(self.lock_retry_delay * f64::from(self.lock_max_retries))
     }
 
+    /// The lock table's limits.
+    pub fn lock_limits(&self) -> crate::locks::LockLimits {
+        crate::locks::LockLimits {
+            max_records: usize::try_from(self.max_locks).unwrap_or(usize::MAX),
+            max_waiters: usize::try_from(self.max_waiters).unwrap_or(usize::MAX),
+        }
+    }
+
     /// A timeout setting as a duration; `None` when it is 0 (no limit).
     pub fn timeout(secs: f64) -> Option<Duration> {
         (secs > 0.0).then(|| Duration::from_secs_f64(secs))
@@ -230,6 +248,8 @@ mod tests {
         assert_eq!(c.default_lock_wait(), Duration::from_secs(5));
         assert_eq!(c.socket, PathBuf::from(DEFAULT_SOCKET));
         assert_eq!(c.socket_mode, 0o660);
+        assert_eq!(c.max_locks, 100_000);
+        assert_eq!(c.max_waiters, 1024);
         assert_eq!(c.cache_max_bytes, 256 << 20);
         assert_eq!(
             Config::timeout(c.idle_timeout),
@@ -246,6 +266,8 @@ mod tests {
             &["scaled", "--socket-mode", "999"],
             &["scaled", "--tcp", "nowhere"],
             &["scaled", "--cache-size", "0"],
+            &["scaled", "--max-locks", "0"],
+            &["scaled", "--max-waiters", "0"],
         ] {
             assert!(
                 Config::try_parse_from(args).is_err(),

@@ -49,7 +49,10 @@ impl Daemon {
                 .then(|| usize::try_from(config.cache_max_bytes).unwrap_or(usize::MAX)),
             shards: config.cache_shards,
         }));
-        let locks = Arc::new(LockTable::with_fences_after(wall_clock_micros()));
+        let locks = Arc::new(LockTable::with_fences_after(
+            wall_clock_micros(),
+            config.lock_limits(),
+        ));
         let store = Store::new(cache.clone(), locks.clone());
         let buffers = Budget::new(usize::try_from(config.max_buffer_bytes).unwrap_or(usize::MAX));
         let waiting = Arc::new(Budget::new(

@@ -341,6 +341,18 @@ impl Collector for Figures {
             "LOCKs waiting in queues now.",
             l.waiters,
         )?;
+        gauge(
+            &mut enc,
+            "lock_records",
+            "Lock records kept now: held locks and free ones kept for their fencing token.",
+            l.records,
+        )?;
+        gauge(
+            &mut enc,
+            "lock_records_max",
+            "SCALED_MAX_LOCKS, the most lock records kept.",
+            l.max_records,
+        )?;
         counter(
             &mut enc,
             "lock_requests",
@@ -364,6 +376,12 @@ impl Collector for Figures {
             "lock_refused",
             "LOCKs in try mode answered LOCKED.",
             l.refused,
+        )?;
+        counter(
+            &mut enc,
+            "lock_overloaded",
+            "LOCKs answered OVERLOADED at SCALED_MAX_LOCKS or SCALED_MAX_WAITERS.",
+            l.overloaded,
         )?;
         counter(
             &mut enc,

@@ -72,7 +72,7 @@ mod tests {
 
     use super::*;
     use crate::config::Config;
-    use crate::locks::{Grant, LockInfo};
+    use crate::locks::{Grant, LockInfo, LockPage};
     use clap::Parser;
 
     fn value_of<T: Serialize>(v: &T) -> rmpv::Value {
@@ -124,10 +124,13 @@ mod tests {
         stats.locks = LockStats {
             held: 1,
             waiters: 2,
+            records: 11,
+            max_records: 12,
             requests: 3,
             grants: 4,
             timeouts: 5,
             refused: 6,
+            overloaded: 13,
             expiries: 7,
             released_on_disconnect: 8,
             renewals: 9,
@@ -148,7 +151,7 @@ mod tests {
             ttl_ms: 2,
             waited_us: 3,
         });
-        same_shape::<_, Vec<scaled_client::LockInfo>>(&vec![LockInfo {
+        let row = LockInfo {
             key: "k".into(),
             owner: "o#1".into(),
             fence: 1,
@@ -156,6 +159,12 @@ mod tests {
             ttl_ms: 3,
             auto_renew: true,
             waiters: 4,
-        }]);
+        };
+        same_shape::<_, Vec<scaled_client::LockInfo>>(&vec![row.clone()]);
+        same_shape::<_, scaled_client::LocksPage>(&LockPage {
+            locks: vec![row],
+            total: 5,
+            next: Some("k".into()),
+        });
     }
 }

@@ -278,10 +278,13 @@ async fn metrics_count_what_the_clients_did_and_pass_promtool() {
     for (name, want) in [
         ("scaled_locks_held", 0.0),
         ("scaled_lock_waiters", 0.0),
+        ("scaled_lock_records", 1.0),
+        ("scaled_lock_records_max", 100_000.0),
         ("scaled_lock_requests_total", 3.0),
         ("scaled_lock_grants_total", 2.0),
         ("scaled_lock_timeouts_total", 0.0),
         ("scaled_lock_refused_total", 1.0),
+        ("scaled_lock_overloaded_total", 0.0),
         ("scaled_lock_expiries_total", 0.0),
         ("scaled_lock_released_on_disconnect_total", 0.0),
         ("scaled_lock_renewals_total", 0.0),

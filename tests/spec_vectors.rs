@@ -26,13 +26,16 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use scaled::cmd::Reply;
-use scaled::locks::{Fenced, Grant, LockInfo, LockStats, Status, FENCE_RETENTION};
+use scaled::locks::{
+    Fenced, Grant, LockInfo, LockPage, LockStats, Status, AUTO_RENEW_MIN_LEASE, DEFAULT_MAX_LOCKS,
+    DEFAULT_MAX_WAITERS, FENCE_RETENTION,
+};
 use scaled_client::answers::Welcome;
 use scaled_client::frame::{begin_frame, finish_frame, push_frame, take_frame, LEN_PREFIX};
 use scaled_client::proto::{
     decode_request, write_err, write_ok_key, write_response_head, Args, CommandName, ErrorCode,
-    Fence, Request, Response, WireError, MAX_FRAME_LEN, MAX_KEY_LEN, MAX_PING_DELAY_MS,
-    MAX_VALUE_LEN, PROTOCOL_VERSION,
+    Fence, Request, Response, WireError, MAX_CLIENT_NAME_LEN, MAX_FRAME_LEN, MAX_KEY_LEN,
+    MAX_PING_DELAY_MS, MAX_VALUE_LEN, PROTOCOL_VERSION,
 };
 
 use common::{RawConn, TestDaemon, STARTUP_LIMIT};
@@ -368,7 +371,34 @@ fn expected_requests() -> Vec<(&'static str, Request)> {
                 ..Request::new(13, CommandName::Set)
             },
         ),
+        (
+            "locks-page-request",
+            Request {
+                args: Args {
+                    limit: Some(1),
+                    ..Args::default()
+                },
+                ..Request::new(14, CommandName::Locks)
+            },
+        ),
     ]
+}
+
+/// The page of the LOCKS vector: one row of two, B holding the lock after the hand-off.
+fn locks_page() -> LockPage {
+    LockPage {
+        locks: vec![LockInfo {
+            key: LOCK_KEY.into(),
+            owner: "example#2".into(),
+            fence: FIRST_FENCE + 1,
+            age_ms: 1500,
+            ttl_ms: 28_500,
+            auto_renew: false,
+            waiters: 0,
+        }],
+        total: 2,
+        next: Some(LOCK_KEY.into()),
+    }
 }
 
 /// UNLOCK's answer, declared and encoded the way the daemon does it.
@@ -538,6 +568,31 @@ fn expected_responses() -> Vec<ExpectedResponse> {
             14,
             10,
             err(ErrorCode::Fenced, &fenced),
+        ),
+        response(
+            "locks-page-response",
+            14,
+            15,
+            31,
+            Answer::Ok(
+                Reply::encode(&locks_page()).expect("a page encodes"),
+                map(vec![
+                    (
+                        "locks",
+                        rmpv::Value::Array(vec![map(vec![
+                            ("key", LOCK_KEY.into()),
+                            ("owner", "example#2".into()),
+                            ("fence", (FIRST_FENCE + 1).into()),
+                            ("age_ms", 1500u64.into()),
+                            ("ttl_ms", 28_500u64.into()),
+                            ("auto_renew", false.into()),
+                            ("waiters", 0u64.into()),
+                        ])]),
+                    ),
+                    ("total", 2u64.into()),
+                    ("next", LOCK_KEY.into()),
+                ]),
+            ),
         ),
     ]
 }
@@ -770,6 +825,10 @@ fn the_limits_table_states_the_limits_of_the_code() {
         ("PING delay", MAX_PING_DELAY_MS),
         ("lock lease and wait", MAX_LOCK_MS),
         ("lock record retention", FENCE_RETENTION.as_secs()),
+        ("HELLO client name", MAX_CLIENT_NAME_LEN as u64),
+        ("lock records", DEFAULT_MAX_LOCKS as u64),
+        ("waiters per lock", DEFAULT_MAX_WAITERS as u64),
+        ("auto-renew lease", AUTO_RENEW_MIN_LEASE.as_millis() as u64),
     ] {
         assert!(
             limits.contains(&value.to_string()),
@@ -804,6 +863,11 @@ fn the_answer_tables_list_the_members_the_daemon_writes() {
         table_names(subsection("### LOCKS"), "Member"),
         member_names(&row),
         "LOCKS's answer table and LockInfo differ"
+    );
+    assert_eq!(
+        table_names(subsection("### LOCKS"), "Page member"),
+        member_names(&locks_page()),
+        "LOCKS's page table and LockPage differ"
     );
     let statuses: Vec<String> = [
         Status::Ok,
@@ -1365,6 +1429,23 @@ async fn the_lock_vectors_replayed_against_a_daemon_get_the_answers_of_the_respo
     assert_answers_like(&live, 12, "unlock-not-owner-response");
     let live = call(&mut a, &mut a_buf, &fenced_set(LOCK_KEY, first)).await;
     assert_fenced_like_the_vector(&live, 13, LOCK_KEY, first, first + 1);
+
+    // LOCKS with `limit` answers a page; B's lock is the only one held, so it is the last page.
+    let live = call(&mut a, &mut a_buf, &frame("locks-page-request")).await;
+    let page = Response::decode(&live).expect("a response").ok;
+    let names: Vec<&str> = page
+        .as_map()
+        .expect("a LOCKS page is a map")
+        .iter()
+        .map(|(k, _)| k.as_str().expect("str keys"))
+        .collect();
+    assert_eq!(names, table_names(subsection("### LOCKS"), "Page member"));
+    assert_eq!(page["total"].as_u64(), Some(1));
+    assert_eq!(page["next"], rmpv::Value::Nil);
+    let rows = page["locks"].as_array().expect("a LOCKS page has rows");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["key"].as_str(), Some(LOCK_KEY));
+    assert_eq!(rows[0]["fence"].as_u64(), Some(first + 1));
 
     // A lock never taken is fenced by the counter's start value, one below the first grant: only that
     // token is accepted on it, and 0 never is.

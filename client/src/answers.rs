@@ -59,6 +59,18 @@ pub struct LockInfo {
     pub waiters: u64,
 }
 
+/// One page of LOCKS, asked for with `limit` or `after`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocksPage {
+    /// The rows, by key: at most the page's `limit`.
+    pub locks: Vec<LockInfo>,
+    /// How many locks are held now, counting every page.
+    pub total: u64,
+    /// Send this as `after` for the next page; `None` on the last page.
+    #[serde(default)]
+    pub next: Option<String>,
+}
+
 /// The STATS document. Times are in seconds.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -168,6 +180,10 @@ pub struct LockStats {
     pub held: u64,
     /// LOCKs waiting in queues now.
     pub waiters: u64,
+    /// Lock records kept now: held locks, and free ones kept for their fencing token.
+    pub records: u64,
+    /// SCALED_MAX_LOCKS, the most lock records kept.
+    pub max_records: u64,
     /// LOCKs since start that passed their argument checks.
     pub requests: u64,
     /// Grants since start, at once or from a queue.
@@ -176,6 +192,8 @@ pub struct LockStats {
     pub timeouts: u64,
     /// LOCKs in try mode answered `LOCKED` since start.
     pub refused: u64,
+    /// LOCKs the lock table answered `OVERLOADED` (SCALED_MAX_LOCKS or SCALED_MAX_WAITERS) since start.
+    pub overloaded: u64,
     /// Leases that ran out, taking the lock from its holder, since start.
     pub expiries: u64,
     /// Locks released because their holder's connection ended, since start.

@@ -284,6 +284,8 @@ const ARGS: &[&str] = &[
     "token",
     "fence",
     "delay_ms",
+    "limit",
+    "after",
 ];
 
 /// Decodes one request envelope from a whole frame body.
@@ -346,6 +348,8 @@ fn arguments<'a>(r: &mut Reader<'a>) -> Result<Args, Malformed> {
             "auto_renew" => a.auto_renew = Some(r.bool("auto_renew")?),
             "token" => a.token = Some(r.str("token")?.to_string()),
             "fence" => a.fence = Some(fence(r)?),
+            "limit" => a.limit = Some(r.uint("limit")?),
+            "after" => a.after = Some(r.str("after")?.to_string()),
             _ => a.delay_ms = Some(r.uint("delay_ms")?),
         }
         Ok(())

@@ -28,7 +28,7 @@ pub mod frame;
 mod lock;
 pub mod proto;
 
-pub use answers::{Grant, LockInfo, Stats, Welcome};
+pub use answers::{Grant, LockInfo, LocksPage, Stats, Welcome};
 pub use client::{Client, ClientBuilder, Endpoint};
 pub use error::{Error, Result};
 pub use lock::{LockGuard, LockOptions, LockStatus};

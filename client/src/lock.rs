@@ -4,10 +4,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::answers::{decode, Grant, LockInfo, StatusAnswer};
+use crate::answers::{decode, Grant, LockInfo, LocksPage, StatusAnswer};
 use crate::client::Client;
 use crate::error::Result;
-use crate::proto::{Args, CommandName, Fence};
+use crate::proto::{Args, CommandName, Fence, MAX_LOCKS_PAGE};
 
 /// How to take a lock. The defaults are the daemon's: LOCK_TIMEOUT for the lease, and
 /// LOCK_RETRY_DELAY × LOCK_MAX_RETRIES for the wait.
@@ -196,12 +196,42 @@ impl Client {
         self.del_with(key, Some(fence)).await
     }
 
-    /// The LOCKS listing: one row per held lock, by key.
+    /// The whole LOCKS listing, one row per held lock, by key: every page, asked for in turn. Locks
+    /// taken or released while it pages may or may not be listed; a lock held throughout is listed once.
     pub async fn locks(&self) -> Result<Vec<LockInfo>> {
-        decode(
-            "LOCKS",
-            self.call(CommandName::Locks, Args::default()).await?,
-        )
+        let mut rows = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.locks_page(after.as_deref(), None).await?;
+            let last = page.locks.len();
+            rows.extend(page.locks);
+            match page.next {
+                // A page that ends early yet names a next one would loop for ever: stop instead.
+                Some(next) if last > 0 => after = Some(next),
+                _ => return Ok(rows),
+            }
+        }
+    }
+
+    /// One page of LOCKS: the held locks whose keys come after `after` (from the first without it),
+    /// at most `limit` of them (the daemon's page size, [`MAX_LOCKS_PAGE`], without it or past it).
+    pub async fn locks_page(&self, after: Option<&str>, limit: Option<u64>) -> Result<LocksPage> {
+        let args = Args {
+            limit: Some(limit.unwrap_or(MAX_LOCKS_PAGE)),
+            after: after.map(str::to_string),
+            ..Args::default()
+        };
+        let answer = self.call(CommandName::Locks, args).await?;
+        // A daemon older than paging ignores `limit` and answers the whole list as an array.
+        if answer.is_array() {
+            let locks: Vec<LockInfo> = decode("LOCKS", answer)?;
+            return Ok(LocksPage {
+                total: locks.len() as u64,
+                locks,
+                next: None,
+            });
+        }
+        decode("LOCKS", answer)
     }
 
     async fn acquire(&self, key: &str, options: LockOptions, try_only: bool) -> Result<LockGuard> {

@@ -19,6 +19,13 @@ pub const MAX_KEY_LEN: usize = 1024;
 /// Largest cache value, in bytes.
 pub const MAX_VALUE_LEN: usize = 1024 * 1024;
 
+/// Longest client name HELLO accepts, in bytes: it is shown as the owner of every lock the connection
+/// holds, so it must stay small for LOCKS answers to stay small.
+pub const MAX_CLIENT_NAME_LEN: usize = 256;
+
+/// Most rows one LOCKS answer holds; a larger `limit` is taken as this.
+pub const MAX_LOCKS_PAGE: u64 = 1000;
+
 /// Longest delay PING accepts (`delay_ms`), so a test tool cannot park a request forever.
 pub const MAX_PING_DELAY_MS: u64 = 60_000;
 
@@ -137,6 +144,13 @@ pub struct Args {
     /// PING: answer only after this many milliseconds (at most [`MAX_PING_DELAY_MS`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delay_ms: Option<u64>,
+    /// LOCKS: the most rows to answer (at most [`MAX_LOCKS_PAGE`]). With it or `after`, LOCKS answers a
+    /// page map rather than a bare array.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    /// LOCKS: list the locks whose keys come after this one (the `next` of the previous page).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
 }
 
 impl Args {

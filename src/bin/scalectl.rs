@@ -265,9 +265,11 @@ async fn lock(
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(EXIT_ERROR)))
 }
 
+/// Lists every held lock, a page at a time, so that no answer the daemon writes is large however
+/// many locks are held; the table is printed as the pages arrive.
 async fn locks(client: &Client, json: bool) -> CmdResult {
-    let listing = client.locks().await.map_err(|e| e.to_string())?;
     if json {
+        let listing = client.locks().await.map_err(|e| e.to_string())?;
         println!(
             "{}",
             serde_json::to_string_pretty(&listing).map_err(|e| e.to_string())?
@@ -278,16 +280,27 @@ async fn locks(client: &Client, json: bool) -> CmdResult {
         "{:<32} {:<24} {:>10} {:>10} {:>10} {:>8}",
         "KEY", "OWNER", "FENCE", "AGE", "TTL LEFT", "WAITERS"
     );
-    for row in &listing {
-        println!(
-            "{:<32} {:<24} {:>10} {:>10} {:>10} {:>8}",
-            row.key,
-            row.owner,
-            row.fence,
-            format!("{:.1}s", row.age_ms as f64 / 1000.0),
-            format!("{:.1}s", row.ttl_ms as f64 / 1000.0),
-            row.waiters,
-        );
+    let mut after: Option<String> = None;
+    loop {
+        let page = client
+            .locks_page(after.as_deref(), None)
+            .await
+            .map_err(|e| e.to_string())?;
+        for row in &page.locks {
+            println!(
+                "{:<32} {:<24} {:>10} {:>10} {:>10} {:>8}",
+                row.key,
+                row.owner,
+                row.fence,
+                format!("{:.1}s", row.age_ms as f64 / 1000.0),
+                format!("{:.1}s", row.ttl_ms as f64 / 1000.0),
+                row.waiters,
+            );
+        }
+        match page.next {
+            Some(next) if !page.locks.is_empty() => after = Some(next),
+            _ => break,
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -6,7 +6,7 @@ use tokio::time::Instant;
 
 use scaled_client::proto::Args;
 
-use super::{required_key, CommandError, CommandResult, Reply};
+use super::{checked_fence, required_key, CommandError, CommandResult, Reply};
 use crate::daemon::Daemon;
 use crate::store::Step;
 
@@ -16,7 +16,7 @@ pub fn run(
     now: Instant,
 ) -> Result<Step<CommandResult>, CommandError> {
     let key = required_key(&mut args)?;
-    let fence = args.fence.take();
+    let fence = checked_fence(&mut args)?;
     Ok(daemon
         .store
         .del(&key, fence, now)

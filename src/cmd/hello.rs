@@ -2,7 +2,8 @@
 
 use scaled_client::answers::Welcome;
 use scaled_client::proto::{
-    Args, ErrorCode, MAX_FRAME_LEN, MAX_KEY_LEN, MAX_VALUE_LEN, PROTOCOL_VERSION,
+    Args, ErrorCode, MAX_CLIENT_NAME_LEN, MAX_FRAME_LEN, MAX_KEY_LEN, MAX_VALUE_LEN,
+    PROTOCOL_VERSION,
 };
 
 use super::{CommandError, CommandResult, Peer, Reply};
@@ -18,6 +19,16 @@ pub fn run(peer: &mut Peer, args: Args) -> CommandResult {
         ));
     }
     let name = args.client.unwrap_or_default();
+    // The name is the owner shown on every lock this connection holds: keep it small.
+    if name.len() > MAX_CLIENT_NAME_LEN {
+        return Err(CommandError::new(
+            ErrorCode::TooLarge,
+            format!(
+                "client name of {} bytes is over the {MAX_CLIENT_NAME_LEN} byte limit",
+                name.len()
+            ),
+        ));
+    }
     tracing::debug!(conn = peer.conn_id, client = %name, "hello");
     peer.owner = std::sync::Arc::from(format!("{name}#{}", peer.conn_id));
     peer.greeted = true;

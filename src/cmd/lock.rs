@@ -8,7 +8,7 @@ use scaled_client::proto::{Args, ErrorCode};
 
 use super::{lock_millis, required_key, CommandError, Outcome, Peer, Reply};
 use crate::daemon::Daemon;
-use crate::locks::{Acquire, LockRequest};
+use crate::locks::{Acquire, Limit, LockRequest};
 
 pub fn run(daemon: &Arc<Daemon>, peer: &Peer, mut args: Args, now: Instant) -> Outcome {
     let parsed = (|| {
@@ -41,6 +41,17 @@ pub fn run(daemon: &Arc<Daemon>, peer: &Peer, mut args: Args, now: Instant) -> O
         Acquire::Busy => Outcome::Done(Err(CommandError::new(
             ErrorCode::Locked,
             format!("lock `{key}` is held"),
+        ))),
+        Acquire::Refused(Limit::Records(max)) => Outcome::Done(Err(CommandError::new(
+            ErrorCode::Overloaded,
+            format!(
+                "the lock table is full: all {max} lock records (SCALED_MAX_LOCKS) are held or \
+                 waited for; retry when some are released"
+            ),
+        ))),
+        Acquire::Refused(Limit::Waiters(max)) => Outcome::Done(Err(CommandError::new(
+            ErrorCode::Overloaded,
+            format!("lock `{key}` already has {max} waiters (SCALED_MAX_WAITERS); retry later"),
         ))),
         Acquire::Queued(mut ticket) => {
             let wait = wait.unwrap_or_default();

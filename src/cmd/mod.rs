@@ -24,7 +24,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use scaled_client::proto::{Args, CommandName, ErrorCode, Request, MAX_KEY_LEN};
+use scaled_client::proto::{Args, CommandName, ErrorCode, Fence, Request, MAX_KEY_LEN};
 
 use crate::daemon::Daemon;
 use crate::locks::{Grant, Status};
@@ -235,7 +235,7 @@ pub fn dispatch(daemon: &Arc<Daemon>, peer: &mut Peer, request: Request, now: In
         CommandName::Lock => lock::run(daemon, peer, args, now),
         CommandName::Unlock => unlock::run(daemon, args, now).into(),
         CommandName::Extend => extend::run(daemon, args, now).into(),
-        CommandName::Locks => locks::run(daemon, now).into(),
+        CommandName::Locks => locks::run(daemon, args, now).into(),
         CommandName::Unknown => Outcome::Done(Err(CommandError::new(
             ErrorCode::UnknownCommand,
             "unknown command; see proto-spec.md for the list",
@@ -249,8 +249,18 @@ fn required_key(args: &mut Args) -> Result<String, CommandError> {
         .key
         .take()
         .ok_or_else(|| CommandError::new(ErrorCode::BadArgument, "missing argument `key`"))?;
-    check_key(&key)?;
+    check_key("key", &key)?;
     Ok(key)
+}
+
+/// The `fence` argument of SET and DEL, with its lock checked like a key, so that FENCED, which names
+/// the lock, stays a short answer.
+fn checked_fence(args: &mut Args) -> Result<Option<Fence>, CommandError> {
+    let fence = args.fence.take();
+    if let Some(f) = &fence {
+        check_key("fence.lock", &f.lock)?;
+    }
+    Ok(fence)
 }
 
 /// The `token` argument of UNLOCK and EXTEND.
@@ -278,16 +288,19 @@ fn lock_millis(
     }
 }
 
-/// Checks a key's length.
-fn check_key(key: &str) -> Result<(), CommandError> {
+/// Checks the length of a key, or of an argument that names one (`what`).
+fn check_key(what: &str, key: &str) -> Result<(), CommandError> {
     if key.is_empty() {
-        return Err(CommandError::new(ErrorCode::BadArgument, "key is empty"));
+        return Err(CommandError::new(
+            ErrorCode::BadArgument,
+            format!("{what} is empty"),
+        ));
     }
     if key.len() > MAX_KEY_LEN {
         return Err(CommandError::new(
             ErrorCode::TooLarge,
             format!(
-                "key of {} bytes is over the {MAX_KEY_LEN} byte limit",
+                "{what} of {} bytes is over the {MAX_KEY_LEN} byte limit",
                 key.len()
             ),
         ));

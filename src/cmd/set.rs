@@ -8,7 +8,7 @@ use tokio::time::Instant;
 
 use scaled_client::proto::{Args, ErrorCode, MAX_VALUE_LEN};
 
-use super::{required_key, CommandError, CommandResult, Reply};
+use super::{checked_fence, required_key, CommandError, CommandResult, Reply};
 use crate::daemon::Daemon;
 use crate::store::Step;
 
@@ -36,7 +36,7 @@ pub fn run(
         Some(0) => None,
         Some(ms) => Some(Duration::from_millis(ms)),
     };
-    let fence = args.fence.take();
+    let fence = checked_fence(&mut args)?;
     Ok(daemon
         .store
         .set(&key, Bytes::from(value), ttl, fence, now)

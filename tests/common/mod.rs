@@ -2,6 +2,7 @@
 //! temporary directory, connect to it as a client would, and clean up.
 #![allow(dead_code)]
 
+pub mod probe;
 pub mod watch;
 
 use std::path::PathBuf;
@@ -36,6 +37,8 @@ const DAEMON_ENV: &[&str] = &[
     "REDIS_MAX_CONNECTIONS",
     "SCALED_MAX_CONNECTIONS",
     "SCALED_MAX_IN_FLIGHT",
+    "SCALED_MAX_LOCKS",
+    "SCALED_MAX_WAITERS",
     "SCALED_SHUTDOWN_TIMEOUT",
     "SCALED_WORKER_THREADS",
     "SCALED_LOG",

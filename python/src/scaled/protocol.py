@@ -52,6 +52,8 @@ ARG_ORDER = (
     "token",
     "fence",
     "delay_ms",
+    "limit",
+    "after",
 )
 
 _PREFIX = struct.Struct(">I")
