@@ -15,6 +15,8 @@
 //! - [`locks`]: the lock table: FIFO queues, fencing tokens, leases, release when a connection ends.
 //!   It knows a connection only as a number and a cancellation token.
 //! - [`meter`]: response times and rates over a sliding 60-second window.
+//! - [`redis`]: the link to a shared Redis (connection, health, Lua scripts, the invalidation stream,
+//!   release wake-ups). It knows nothing of the cache or the lock table.
 //! - [`daemon`]: the shared state the connections hold.
 //! - [`config`]: every setting, as a flag and an environment variable.
 
@@ -26,4 +28,5 @@ pub mod context;
 pub mod daemon;
 pub mod locks;
 pub mod meter;
+pub mod redis;
 pub mod server;
