@@ -17,6 +17,8 @@
 //! - [`locks`]: the lock table: FIFO queues, fencing tokens, leases, release when a connection ends.
 //!   It knows a connection only as a number and a cancellation token.
 //! - [`meter`]: response times and rates over a sliding 60-second window.
+//! - [`redis`]: the link to a shared Redis (connection, health, Lua scripts, the invalidation stream,
+//!   release wake-ups). It knows nothing of the cache or the lock table.
 //! - [`daemon`]: the shared state the connections hold.
 //! - [`budget`]: daemon-wide budgets of buffer bytes and waiting requests, so per-connection limits
 //!   times the connection limit cannot exceed what the host can spare.
@@ -33,6 +35,7 @@ pub mod context;
 pub mod daemon;
 pub mod locks;
 pub mod meter;
+pub mod redis;
 pub mod rlimit;
 pub mod server;
 pub mod store;
