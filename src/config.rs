@@ -65,8 +65,9 @@ pub struct Config {
     #[arg(long, env = "LOCK_MAX_RETRIES", default_value_t = 50)]
     pub lock_max_retries: u32,
 
-    /// Redis to share locks and cache across hosts. This build runs standalone and refuses to start
-    /// when it is set, rather than silently giving host-local locks to callers who expect shared ones.
+    /// Redis to share locks and cache across hosts (`redis://host:port/db` or `unix://path`); unset,
+    /// the daemon runs standalone. With it set the daemon starts at once and connects in the
+    /// background.
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
 

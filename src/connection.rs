@@ -386,7 +386,7 @@ impl Departure<'_> {
         // Cancel first: from here on none of this connection's queued LOCKs can be granted.
         self.alive.cancel();
         self.daemon
-            .locks
+            .store
             .release_connection(self.conn_id, Instant::now());
     }
 }

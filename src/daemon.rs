@@ -12,6 +12,8 @@ use crate::cache::{CacheLimits, SessionCache};
 use crate::config::Config;
 use crate::locks::LockTable;
 use crate::meter::RequestMeter;
+use crate::redis::LinkError;
+use crate::store::remote::Remote;
 use crate::store::Store;
 
 /// The daemon's shared state. One value, behind an `Arc`, handed to every connection.
@@ -41,8 +43,9 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Fresh state for `config`.
-    pub fn new(config: Config) -> Daemon {
+    /// Fresh state for `config`; with REDIS_URL set, starts the link to Redis (down until it
+    /// connects). Must run inside a tokio runtime.
+    pub fn new(config: Config) -> Result<Daemon, LinkError> {
         let started = Instant::now();
         let cache = Arc::new(SessionCache::new(CacheLimits {
             max_entries: usize::try_from(config.cache_size).unwrap_or(usize::MAX),
@@ -51,12 +54,12 @@ impl Daemon {
             shards: config.cache_shards,
         }));
         let locks = Arc::new(LockTable::with_fences_after(wall_clock_micros()));
-        let store = Store::new(cache.clone(), locks.clone());
+        let store = Store::new(cache.clone(), locks.clone(), Remote::start(&config)?);
         let buffers = Budget::new(usize::try_from(config.max_buffer_bytes).unwrap_or(usize::MAX));
         let waiting = Arc::new(Budget::new(
             usize::try_from(config.max_waiting).unwrap_or(usize::MAX),
         ));
-        Daemon {
+        Ok(Daemon {
             config,
             cache,
             locks,
@@ -67,7 +70,7 @@ impl Daemon {
             connections: ConnectionCounters::default(),
             started,
             shutdown: CancellationToken::new(),
-        }
+        })
     }
 }
 

@@ -367,12 +367,14 @@ impl LockTable {
     }
 
     /// Releases every lock connection `conn` holds. Cancel its `alive` token first, so none of its
-    /// queued waits can be granted afterwards.
-    pub fn release_connection(&self, conn: u64, now: Instant) {
+    /// queued waits can be granted afterwards. Answers the (key, owner token) pairs released, so a
+    /// shared backend can release them too.
+    pub fn release_connection(&self, conn: u64, now: Instant) -> Vec<(String, String)> {
         let mut st = self.state.lock();
         let Some(keys) = st.held_by.remove(&conn) else {
-            return;
+            return Vec::new();
         };
+        let mut released = Vec::with_capacity(keys.len());
         for key in keys {
             if st
                 .entries
@@ -381,11 +383,53 @@ impl LockTable {
                 .is_some_and(|h| h.conn == conn)
             {
                 st.counters.released_on_disconnect += 1;
-                st.vacate(&key);
+                if let Some(holder) = st.vacate(&key) {
+                    released.push((key.to_string(), holder.token.to_string()));
+                }
                 st.hand_on(&key, now);
             }
         }
         self.unlock_and_wake(st);
+        released
+    }
+
+    /// Replaces the fencing token of `token`'s grant on `key` with `fence`, a token issued by a shared
+    /// backend for the same grant, so LOCKS shows the token the holder was given. The table's counter
+    /// is raised to it, so tokens issued here later (a backend away) stay above it. False when
+    /// `token` no longer holds `key`.
+    pub fn set_fence(&self, key: &str, token: &str, fence: u64) -> bool {
+        let mut st = self.state.lock();
+        let Some(key) = st.entries.get_key_value(key).map(|(k, _)| k.clone()) else {
+            return false;
+        };
+        if st.status_of(&key, token) != Status::Ok {
+            return false;
+        }
+        st.fence = st.fence.max(fence);
+        let Some(entry) = st.entries.get_mut(&key) else {
+            return false;
+        };
+        entry.last_fence = entry.last_fence.max(fence);
+        let Some(h) = entry.holder.as_mut() else {
+            return false;
+        };
+        let old = (h.expires_at, h.fence);
+        h.fence = fence;
+        let at = h.expires_at;
+        st.deadlines.remove(&old);
+        st.deadlines.insert((at, fence), key);
+        true
+    }
+
+    /// Whether `token` holds `key` now (its lease not yet ended).
+    pub fn holds(&self, key: &str, token: &str, now: Instant) -> bool {
+        let st = self.state.lock();
+        st.entries
+            .get(key)
+            .and_then(|e| e.holder.as_ref())
+            .is_some_and(|h| {
+                h.expires_at > now && Uuid::try_parse(token).is_ok_and(|t| t == h.token)
+            })
     }
 
     /// Whether connection `conn` holds any lock now.

@@ -8,8 +8,9 @@ use common::TestDaemon;
 #[tokio::test]
 async fn the_spawn_helper_clears_every_setting_of_the_callers_environment() {
     // Each of these would stop the daemon from starting, or change what it serves, if it got through:
-    // REDIS_URL makes this build refuse to start, a bad number makes clap refuse, and the others are
-    // names no list of settings has yet, cleared by their prefix alone.
+    // REDIS_URL would make the daemon depend on a Redis that is not there (STATS would say so), a
+    // bad number makes clap refuse, and the others are names no list of settings has yet, cleared by
+    // their prefix alone.
     let settings = [
         ("REDIS_URL", "redis://127.0.0.1:1/"),
         ("SCALED_MAX_CONNECTIONS", "not a number"),

@@ -31,7 +31,8 @@ pub fn run(
     Ok(daemon
         .store
         .extend(&key, &token, lease, now)
-        .map(|(status, lease)| {
+        .map(|extended| {
+            let (status, lease) = extended.map_err(CommandError::from)?;
             Reply::encode(&Answer {
                 status,
                 ttl_ms: lease.as_millis() as u64,

@@ -4,11 +4,13 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use scaled_client::proto::{Args, ErrorCode};
+use scaled_client::proto::Args;
 
 use super::{lock_millis, required_key, CommandError, Outcome, Peer, Reply};
 use crate::daemon::Daemon;
-use crate::locks::{Acquire, LockRequest};
+use crate::locks::LockRequest;
+use crate::store::lock::LockAsk;
+use crate::store::Step;
 
 pub fn run(daemon: &Arc<Daemon>, peer: &Peer, mut args: Args, now: Instant) -> Outcome {
     let parsed = (|| {
@@ -36,36 +38,18 @@ pub fn run(daemon: &Arc<Daemon>, peer: &Peer, mut args: Args, now: Instant) -> O
         auto_renew: args.auto_renew.unwrap_or(false),
         try_only: args.try_only.unwrap_or(false) || wait.is_none(),
     };
-    match daemon.locks.acquire(&key, request, now) {
-        Acquire::Granted(grant) => Outcome::Done(Reply::encode(&grant)),
-        Acquire::Busy => Outcome::Done(Err(CommandError::new(
-            ErrorCode::Locked,
-            format!("lock `{key}` is held"),
-        ))),
-        Acquire::Queued(mut ticket) => {
-            let wait = wait.unwrap_or_default();
-            let shutdown = daemon.shutdown.clone();
-            Outcome::Later(Box::pin(async move {
-                // Dropping the ticket on any branch but the grant leaves the queue, and gives back a
-                // grant that raced with the timeout.
-                tokio::select! {
-                    grant = ticket.granted() => match grant {
-                        Some(grant) => Reply::encode(&grant),
-                        None => Err(CommandError::new(ErrorCode::Internal, "the wait was dropped")),
-                    },
-                    _ = tokio::time::sleep(wait) => {
-                        ticket.time_out();
-                        Err(CommandError::new(
-                            ErrorCode::LockTimeout,
-                            format!("lock `{key}` not granted within {} ms", wait.as_millis()),
-                        ))
-                    }
-                    _ = shutdown.cancelled() => Err(CommandError::new(
-                        ErrorCode::ShuttingDown,
-                        "the daemon is shutting down",
-                    )),
-                }
-            }))
-        }
+    let ask = LockAsk {
+        key,
+        request,
+        wait,
+        shutdown: daemon.shutdown.clone(),
+    };
+    match daemon.store.lock(ask, now).map(|granted| {
+        let grant = granted.map_err(CommandError::from)?;
+        Reply::encode(&grant)
+    }) {
+        Step::Ready(result) => Outcome::Done(result),
+        // Waits on other clients (or another host's holder), so it counts as a waiting request.
+        Step::Later(pending) => Outcome::Later(pending),
     }
 }

@@ -146,6 +146,12 @@ impl From<StoreError> for CommandError {
         let code = match &e {
             StoreError::Fenced(_) => ErrorCode::Fenced,
             StoreError::TooLarge(_) => ErrorCode::TooLarge,
+            StoreError::Locked(_) => ErrorCode::Locked,
+            StoreError::LockTimeout { .. } => ErrorCode::LockTimeout,
+            StoreError::ShuttingDown => ErrorCode::ShuttingDown,
+            StoreError::Unavailable(_) => ErrorCode::Unavailable,
+            StoreError::Corrupted(_) => ErrorCode::Corrupted,
+            StoreError::Internal(_) => ErrorCode::Internal,
         };
         CommandError::new(code, e.to_string())
     }

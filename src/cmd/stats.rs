@@ -36,9 +36,12 @@ pub fn run(daemon: &Arc<Daemon>, now: Instant) -> CommandResult {
         uptime_seconds: now.saturating_duration_since(daemon.started).as_secs_f64(),
         cache: daemon.cache.stats(),
         performance: daemon.meter.snapshot(now),
-        redis: RedisStats {
-            configured: false,
-            available: false,
+        redis: {
+            let (configured, available) = daemon.store.redis_health();
+            RedisStats {
+                configured,
+                available,
+            }
         },
         connections: daemon.connections.stats(),
         locks: daemon.locks.stats(),

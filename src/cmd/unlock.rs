@@ -24,8 +24,9 @@ pub fn run(
 ) -> Result<Step<CommandResult>, CommandError> {
     let key = required_key(&mut args)?;
     let token = required_token(&mut args)?;
-    Ok(daemon
-        .store
-        .unlock(&key, &token, now)
-        .map(|status| Reply::encode(&Answer { status })))
+    Ok(daemon.store.unlock(&key, &token, now).map(|status| {
+        Reply::encode(&Answer {
+            status: status.map_err(CommandError::from)?,
+        })
+    }))
 }

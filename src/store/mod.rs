@@ -9,6 +9,14 @@
 //! Fenced writes are composed here, not in the commands and not in the lock table: the fence check
 //! and the write must be one atomic step, and where that step runs (under the lock table's mutex, or
 //! in a Redis script) depends on the tier.
+//!
+//! - [`lock`]: LOCK, standalone and in two phases with Redis.
+//! - [`remote`]: the Redis tier (write-through, reads, the link's helpers).
+//! - [`release`]: the background releaser for releases seen where nobody can await Redis.
+
+pub mod lock;
+pub mod release;
+pub mod remote;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,7 +29,10 @@ use tokio::time::Instant;
 use scaled_client::proto::Fence;
 
 use crate::cache::{CacheError, SessionCache};
-use crate::locks::{Fenced, LockTable, Status};
+use crate::locks::{Fenced, Grant, LockTable, Status};
+use crate::redis::scripts::Compare;
+use crate::store::lock::LockAsk;
+use crate::store::remote::Remote;
 
 /// A result that is ready now, or a future that gives it later.
 pub enum Step<T> {
@@ -50,6 +61,29 @@ pub enum StoreError {
     /// An entry too large for the cache.
     #[error("{0}")]
     TooLarge(String),
+    /// LOCK in try mode found the lock held.
+    #[error("lock `{0}` is held")]
+    Locked(String),
+    /// LOCK waited its whole wait without a grant.
+    #[error("lock `{key}` not granted within {} ms", wait.as_millis())]
+    LockTimeout {
+        /// The lock key.
+        key: String,
+        /// The wait it was given.
+        wait: Duration,
+    },
+    /// Shutdown began while the LOCK waited.
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    /// Redis, which the step needs, cannot be reached or did not answer in time.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A value in Redis failed its checksum; it is not served.
+    #[error("{0}")]
+    Corrupted(String),
+    /// Something that should not happen (an unexpected answer from Redis, a dropped wait).
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl From<CacheError> for StoreError {
@@ -65,17 +99,28 @@ pub struct Store {
     /// The local lock table: the whole lock state standalone; with Redis, this host's queue in front
     /// of the shared lock.
     pub locks: Arc<LockTable>,
+    /// Redis, when REDIS_URL is set; `None` standalone, where every step is ready at once.
+    pub remote: Option<Arc<Remote>>,
 }
 
 impl Store {
-    /// A standalone store over this cache and lock table.
-    pub fn new(cache: Arc<SessionCache>, locks: Arc<LockTable>) -> Store {
-        Store { cache, locks }
+    /// A store over this cache and lock table, with Redis behind them when `remote` is given.
+    pub fn new(cache: Arc<SessionCache>, locks: Arc<LockTable>, remote: Option<Remote>) -> Store {
+        Store {
+            cache,
+            locks,
+            remote: remote.map(Arc::new),
+        }
     }
 
     /// The value under `key`, if any.
     pub fn get(&self, key: &str, now: Instant) -> Step<Result<Option<Bytes>, StoreError>> {
-        Step::Ready(Ok(self.cache.get(key, now)))
+        let Some(remote) = &self.remote else {
+            return Step::Ready(Ok(self.cache.get(key, now)));
+        };
+        // Every GET reads Redis: coherent across hosts whatever they wrote.
+        let (remote, key) = (remote.clone(), key.to_string());
+        Step::Later(Box::pin(async move { remote.get(&key).await }))
     }
 
     /// Stores `value` under `key` for `ttl` (`None`: never expires); with a fence, only if the fence's
@@ -88,6 +133,13 @@ impl Store {
         fence: Option<Fence>,
         now: Instant,
     ) -> Step<Result<(), StoreError>> {
+        if let Some(remote) = &self.remote {
+            let (remote, key) = (remote.clone(), key.to_string());
+            let fence = fence.map(|f| (f.lock, f.token));
+            return Step::Later(Box::pin(async move {
+                remote.set(&key, value, ttl, fence).await
+            }));
+        }
         // A TTL too long to add to the clock is as good as none.
         let expires_at = ttl.and_then(|t| now.checked_add(t));
         let write = || self.cache.set(key, value, expires_at, now);
@@ -110,6 +162,11 @@ impl Store {
         fence: Option<Fence>,
         now: Instant,
     ) -> Step<Result<bool, StoreError>> {
+        if let Some(remote) = &self.remote {
+            let (remote, key) = (remote.clone(), key.to_string());
+            let fence = fence.map(|f| (f.lock, f.token));
+            return Step::Later(Box::pin(async move { remote.del(&key, fence).await }));
+        }
         let remove = || self.cache.remove(key, now);
         Step::Ready(match fence {
             None => Ok(remove()),
@@ -120,9 +177,37 @@ impl Store {
         })
     }
 
+    /// Takes a lock, waits for it in FIFO order, or refuses at once in try mode.
+    pub fn lock(&self, ask: LockAsk, now: Instant) -> Step<Result<Grant, StoreError>> {
+        match &self.remote {
+            None => lock::local(&self.locks, ask, now),
+            Some(remote) => lock::remote(&self.locks, remote, ask, now),
+        }
+    }
+
     /// Releases `key` if `token` holds it, handing it to the next waiter.
-    pub fn unlock(&self, key: &str, token: &str, now: Instant) -> Step<Status> {
-        Step::Ready(self.locks.release(key, token, now))
+    pub fn unlock(&self, key: &str, token: &str, now: Instant) -> Step<Result<Status, StoreError>> {
+        let Some(remote) = &self.remote else {
+            return Step::Ready(Ok(self.locks.release(key, token, now)));
+        };
+        let (remote, locks) = (remote.clone(), self.locks.clone());
+        let (key, token) = (key.to_string(), token.to_string());
+        Step::Later(Box::pin(async move {
+            // Redis first: once released there, another host may be granted it; then the local
+            // table hands it to this host's next waiter, who asks Redis in turn.
+            let released = remote
+                .link
+                .release(&key, &token)
+                .await
+                .map_err(|e| remote.store_error(e))?;
+            let local = locks.release(&key, &token, Instant::now());
+            Ok(match (released, local) {
+                (Compare::Done, _) => Status::Ok,
+                // Held here but not in Redis: its lease ended there.
+                (_, Status::Ok) => Status::Expired,
+                (_, local) => local,
+            })
+        }))
     }
 
     /// Renews the lease of `token` on `key` (`None`: the lease it has); answers the status and the
@@ -133,7 +218,62 @@ impl Store {
         token: &str,
         lease: Option<Duration>,
         now: Instant,
-    ) -> Step<(Status, Duration)> {
-        Step::Ready(self.locks.extend(key, token, lease, now))
+    ) -> Step<Result<(Status, Duration), StoreError>> {
+        let local = self.locks.extend(key, token, lease, now);
+        let Some(remote) = &self.remote else {
+            return Step::Ready(Ok(local));
+        };
+        if local.0 != Status::Ok {
+            return Step::Ready(Ok(local));
+        }
+        let (remote, locks) = (remote.clone(), self.locks.clone());
+        let (key, token) = (key.to_string(), token.to_string());
+        Step::Later(Box::pin(async move {
+            let extended = remote
+                .link
+                .extend(&key, &token, Remote::redis_lease(local.1))
+                .await
+                .map_err(|e| remote.store_error(e))?;
+            if extended == Compare::Done {
+                return Ok(local);
+            }
+            // Redis let it go (its lease ended there, or another host holds it): so does this host.
+            locks.release(&key, &token, Instant::now());
+            Ok((Status::Expired, Duration::ZERO))
+        }))
+    }
+
+    /// Releases every lock connection `conn` holds, here and (in the background) in Redis. Cancel
+    /// the connection's `alive` token first.
+    pub fn release_connection(&self, conn: u64, now: Instant) {
+        let released = self.locks.release_connection(conn, now);
+        if let Some(remote) = &self.remote {
+            for (key, token) in released {
+                remote.release_later(key, token, MAX_LEASE);
+            }
+        }
+    }
+
+    /// At shutdown: waits until the releases queued for Redis are done, at most `limit`, and closes
+    /// the link.
+    pub async fn finish(&self, limit: Duration) {
+        if let Some(remote) = &self.remote {
+            if !remote.releaser.drain(limit).await {
+                tracing::warn!("some locks could not be released in Redis before exit");
+            }
+            remote.link.close();
+        }
+    }
+
+    /// Whether Redis is configured, and whether it is reachable now.
+    pub fn redis_health(&self) -> (bool, bool) {
+        match &self.remote {
+            None => (false, false),
+            Some(remote) => (true, remote.available()),
+        }
     }
 }
+
+/// The longest lease a LOCK may ask for (a day): how long a release in Redis is worth retrying when
+/// the lease it was taken with is not known.
+const MAX_LEASE: Duration = Duration::from_secs(86_400);
