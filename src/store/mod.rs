@@ -10,10 +10,12 @@
 //! and the write must be one atomic step, and where that step runs (under the lock table's mutex, or
 //! in a Redis script) depends on the tier.
 //!
+//! - [`chain`]: per-key order of the requests that wait on Redis.
 //! - [`lock`]: LOCK, standalone and in two phases with Redis.
 //! - [`remote`]: the Redis tier (write-through, reads, the link's helpers).
 //! - [`release`]: the background releaser for releases seen where nobody can await Redis.
 
+pub mod chain;
 pub mod lock;
 pub mod release;
 pub mod remote;
@@ -31,6 +33,7 @@ use scaled_client::proto::Fence;
 use crate::cache::{CacheError, SessionCache};
 use crate::locks::{Fenced, Grant, LockTable, Status};
 use crate::redis::scripts::Compare;
+use crate::store::chain::Chains;
 use crate::store::lock::LockAsk;
 use crate::store::remote::Remote;
 
@@ -101,6 +104,8 @@ pub struct Store {
     pub locks: Arc<LockTable>,
     /// Redis, when REDIS_URL is set; `None` standalone, where every step is ready at once.
     pub remote: Option<Arc<Remote>>,
+    /// Writes of each key in flight to Redis, so later requests on the key wait for them.
+    chains: Arc<Chains>,
 }
 
 impl Store {
@@ -110,6 +115,7 @@ impl Store {
             cache,
             locks,
             remote: remote.map(Arc::new),
+            chains: Arc::default(),
         }
     }
 
@@ -118,9 +124,14 @@ impl Store {
         let Some(remote) = &self.remote else {
             return Step::Ready(Ok(self.cache.get(key, now)));
         };
-        // Every GET reads Redis: coherent across hosts whatever they wrote.
+        // Every GET reads Redis: coherent across hosts whatever they wrote. It reads after the
+        // writes of the key sent before it have finished.
+        let after = self.chains.read(key);
         let (remote, key) = (remote.clone(), key.to_string());
-        Step::Later(Box::pin(async move { remote.get(&key).await }))
+        Step::Later(Box::pin(async move {
+            after.wait().await;
+            remote.get(&key).await
+        }))
     }
 
     /// Stores `value` under `key` for `ttl` (`None`: never expires); with a fence, only if the fence's
@@ -136,8 +147,12 @@ impl Store {
         if let Some(remote) = &self.remote {
             let (remote, key) = (remote.clone(), key.to_string());
             let fence = fence.map(|f| (f.lock, f.token));
+            let (after, link) = self.chains.write(&key);
             return Step::Later(Box::pin(async move {
-                remote.set(&key, value, ttl, fence).await
+                after.wait().await;
+                let written = remote.set(&key, value, ttl, fence).await;
+                drop(link);
+                written
             }));
         }
         // A TTL too long to add to the clock is as good as none.
@@ -165,7 +180,13 @@ impl Store {
         if let Some(remote) = &self.remote {
             let (remote, key) = (remote.clone(), key.to_string());
             let fence = fence.map(|f| (f.lock, f.token));
-            return Step::Later(Box::pin(async move { remote.del(&key, fence).await }));
+            let (after, link) = self.chains.write(&key);
+            return Step::Later(Box::pin(async move {
+                after.wait().await;
+                let removed = remote.del(&key, fence).await;
+                drop(link);
+                removed
+            }));
         }
         let remove = || self.cache.remove(key, now);
         Step::Ready(match fence {
