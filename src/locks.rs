@@ -421,15 +421,13 @@ impl LockTable {
         true
     }
 
-    /// Whether `token` holds `key` now (its lease not yet ended).
-    pub fn holds(&self, key: &str, token: &str, now: Instant) -> bool {
+    /// Whether `token` is the holder of `key` (an auto-renew holder stays one past each deadline).
+    pub fn holds(&self, key: &str, token: &str) -> bool {
         let st = self.state.lock();
         st.entries
             .get(key)
             .and_then(|e| e.holder.as_ref())
-            .is_some_and(|h| {
-                h.expires_at > now && Uuid::try_parse(token).is_ok_and(|t| t == h.token)
-            })
+            .is_some_and(|h| Uuid::try_parse(token).is_ok_and(|t| t == h.token))
     }
 
     /// Whether connection `conn` holds any lock now.

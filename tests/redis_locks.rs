@@ -286,3 +286,33 @@ async fn a_corrupted_value_in_redis_is_refused_not_served() {
         Some(&b"value"[..])
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auto_renew_lock_stays_held_in_redis_past_its_lease() {
+    let redis = RedisServer::start();
+    let group = DaemonGroup::start(&redis, 2, &[]);
+    let c = clients(&group).await;
+    let lease = Duration::from_millis(300);
+    let held = c[0]
+        .lock(
+            "s",
+            LockOptions {
+                ttl: Some(lease),
+                wait: Some(LIMIT),
+                auto_renew: true,
+            },
+        )
+        .await
+        .expect("LOCK on A");
+    // Waiting past the lease is the point of the test: several leases, each renewed in Redis.
+    tokio::time::sleep(lease * 4).await;
+    assert_eq!(
+        redis.keys("scaled:l:*"),
+        ["scaled:l:s"],
+        "still held in Redis"
+    );
+    let other = c[1].try_lock("s", lock_options()).await;
+    assert!(matches!(other, Err(Error::Locked(_))), "B: {other:?}");
+    assert_eq!(held.unlock().await.expect("UNLOCK"), LockStatus::Ok);
+    assert!(redis.keys("scaled:l:*").is_empty());
+}

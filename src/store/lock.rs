@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::locks::{Acquire, Grant, LockRequest, LockTable};
-use crate::redis::scripts::Acquire as RedisAcquire;
+use crate::redis::scripts::{Acquire as RedisAcquire, Compare};
 use crate::store::remote::Remote;
 use crate::store::{Step, StoreError};
 
@@ -83,6 +83,7 @@ pub fn remote(
     let lease = request.lease;
     let alive = request.alive.clone();
     let try_only = request.try_only;
+    let auto_renew = request.auto_renew;
     let local = locks.acquire(&key, request, now);
     let locks = locks.clone();
     let remote = remote.clone();
@@ -116,6 +117,16 @@ pub fn remote(
             .await;
         if outcome.is_ok() {
             candidate.confirmed = true;
+            if auto_renew {
+                let (key, token) = (candidate.key.clone(), candidate.grant.token.clone());
+                tokio::spawn(renew(
+                    candidate.locks.clone(),
+                    candidate.remote.clone(),
+                    key,
+                    token,
+                    lease,
+                ));
+            }
         }
         outcome.map(|_| {
             let mut grant = candidate.grant.clone();
@@ -123,6 +134,42 @@ pub fn remote(
             grant
         })
     }))
+}
+
+/// Keeps an auto-renew lock in Redis for as long as the local table says its holder holds it,
+/// renewing every third of the lease. A renewal Redis refuses (the lease ended there, or another host
+/// holds the lock) means the lock is lost: it is counted, logged and released here too. A renewal
+/// that finds Redis unreachable is tried again at the next third.
+async fn renew(
+    locks: Arc<LockTable>,
+    remote: Arc<Remote>,
+    key: String,
+    token: String,
+    lease: Duration,
+) {
+    let every = (lease / 3).max(Duration::from_millis(1));
+    loop {
+        tokio::time::sleep(every).await;
+        if !locks.holds(&key, &token) {
+            return;
+        }
+        match remote
+            .link
+            .extend(&key, &token, Remote::redis_lease(lease))
+            .await
+        {
+            Ok(Compare::Done) | Err(_) => {}
+            Ok(lost) => {
+                remote
+                    .counters
+                    .renewals_failed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(lock = key, answer = ?lost, "an auto-renewal failed in Redis; the lock is lost");
+                locks.release(&key, &token, Instant::now());
+                return;
+            }
+        }
+    }
 }
 
 /// This host's candidate for a lock: granted locally, not yet (or just) in Redis.

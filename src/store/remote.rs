@@ -36,6 +36,8 @@ const DRIFT_FLOOR: Duration = Duration::from_millis(2);
 pub struct RemoteCounters {
     /// Values read from Redis whose checksum failed.
     pub corrupted: AtomicU64,
+    /// Auto-renewals Redis refused: locks lost without their holder letting go.
+    pub renewals_failed: AtomicU64,
 }
 
 /// Redis behind the store.
