@@ -16,7 +16,6 @@ use std::hash::BuildHasher;
 use bytes::Bytes;
 use hashbrown::{DefaultHashBuilder, HashTable};
 use parking_lot::Mutex;
-use serde::Serialize;
 use tokio::time::Instant;
 
 /// Below this many entries per shard the cache uses fewer shards, so small caches stay exact LRUs.
@@ -53,28 +52,9 @@ pub enum CacheError {
     },
 }
 
-/// Counters and sizes, as STATS reports them under `cache`.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
-pub struct CacheStats {
-    /// Entries held now (some may have expired and not been swept yet).
-    pub size: usize,
-    /// CACHE_SIZE.
-    pub max_size: usize,
-    /// Bytes of keys plus values held now.
-    pub bytes: usize,
-    /// CACHE_MAX_BYTES, 0 when unbounded.
-    pub max_bytes: usize,
-    /// GETs that found a live entry.
-    pub hits: u64,
-    /// GETs that found nothing, or an expired entry.
-    pub misses: u64,
-    /// hits / (hits + misses), in percent as the seed reports it; 0 before any GET.
-    pub hit_rate: f64,
-    /// Live entries dropped to make room.
-    pub evictions: u64,
-    /// Entries dropped because their TTL had passed.
-    pub expirations: u64,
-}
+/// Counters and sizes, as STATS reports them under `cache`: the client crate's type, so the daemon and
+/// its clients share one schema.
+pub use scaled_client::answers::CacheStats;
 
 /// The sharded cache.
 pub struct SessionCache {
@@ -152,14 +132,14 @@ impl SessionCache {
     /// Sizes and counters, summed over the shards.
     pub fn stats(&self) -> CacheStats {
         let mut out = CacheStats {
-            max_size: self.limits.max_entries,
-            max_bytes: self.limits.max_bytes.unwrap_or(0),
+            max_size: self.limits.max_entries as u64,
+            max_bytes: self.limits.max_bytes.unwrap_or(0) as u64,
             ..CacheStats::default()
         };
         for shard in self.shards.iter() {
             let s = shard.lock();
-            out.size += s.len;
-            out.bytes += s.bytes;
+            out.size += s.len as u64;
+            out.bytes += s.bytes as u64;
             out.hits += s.hits;
             out.misses += s.misses;
             out.evictions += s.evictions;

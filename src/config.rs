@@ -154,10 +154,35 @@ pub struct Config {
     #[arg(long, env = "SCALED_LOG", default_value = "info")]
     pub log: String,
 
+    // Operations: log format and the Prometheus endpoint.
+    /// Log line format: `text` for people, `json` (one object a line) for log collectors. Colour codes
+    /// are written only when stderr is a terminal.
+    #[arg(long, env = "SCALED_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Serve Prometheus metrics at `GET /metrics` over HTTP: a PORT (bound to 127.0.0.1) or HOST:PORT.
+    /// Off by default.
+    #[arg(long, env = "SCALED_METRICS", value_parser = parse_tcp)]
+    pub metrics: Option<SocketAddr>,
+
+    /// Allow --metrics to bind an address other than loopback. The endpoint has no authentication.
+    #[arg(long, env = "SCALED_METRICS_ALLOW_REMOTE")]
+    pub metrics_allow_remote: bool,
+
     /// Print the effective configuration as JSON and exit.
     #[arg(long)]
     #[serde(skip)]
     pub print_config: bool,
+}
+
+/// How log lines are written.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line: timestamp, level, message, and the event's fields at the top level.
+    Json,
 }
 
 impl Config {
@@ -289,5 +314,10 @@ mod tests {
         }
         let c = Config::try_parse_from(["scaled", "--tcp", "7000"]).unwrap();
         assert_eq!(c.tcp, Some("127.0.0.1:7000".parse().unwrap()));
+        let c = Config::try_parse_from(["scaled", "--metrics", "9150", "--log-format", "json"])
+            .unwrap();
+        assert_eq!(c.metrics, Some("127.0.0.1:9150".parse().unwrap()));
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert!(Config::try_parse_from(["scaled", "--log-format", "xml"]).is_err());
     }
 }

@@ -556,9 +556,10 @@ fn run_request(
     }
 }
 
-/// Appends the response to one request, and files its time with the meter. An answer that would take
-/// the answer buffer past its base size must fit the daemon's buffer budget; if it does not, the
-/// client gets `OVERLOADED` instead (large answers come only from commands without side effects).
+/// Appends the response to one request, files its time with the meter, and logs it. An answer that
+/// would take the answer buffer past its base size must fit the daemon's buffer budget; if it does
+/// not, the client gets `OVERLOADED` instead (large answers come only from commands without side
+/// effects).
 fn respond(daemon: &Daemon, bufs: &mut Buffers, ctx: &RequestContext, result: CommandResult) {
     let result = match result {
         Ok(reply) if !fits(daemon, bufs, &reply) => {
@@ -576,10 +577,13 @@ fn respond(daemon: &Daemon, bufs: &mut Buffers, ctx: &RequestContext, result: Co
     };
     let now = Instant::now();
     let elapsed_us = ctx.elapsed_us(now);
-    daemon.meter.record(ctx.cmd, elapsed_us, now);
-    if let Err(e) = &result {
-        tracing::debug!(parent: &ctx.span, code = %e.code, message = %e.message, "request failed");
-    }
+    daemon.meter.record(
+        ctx.cmd,
+        result.as_ref().err().map(|e| e.code),
+        elapsed_us,
+        now,
+    );
+    crate::reqlog::finished(ctx, &result, elapsed_us);
     let out = &mut bufs.out;
     let mut id_text = [0u8; 36];
     let request_id = ctx.request_id.hyphenated().encode_lower(&mut id_text);

@@ -23,6 +23,11 @@ pub struct RequestContext {
     pub started: Instant,
     /// Carries request_id, command, session_id and user_id into every event logged for this request.
     pub span: Span,
+    /// The app's session, kept for the request's log line only while that line is written (see
+    /// [`crate::reqlog`]), so a daemon not logging requests copies nothing.
+    pub session_id: Option<Box<str>>,
+    /// The app's user, kept on the same terms as `session_id`.
+    pub user_id: Option<Box<str>>,
 }
 
 impl RequestContext {
@@ -45,12 +50,15 @@ impl RequestContext {
             session_id,
             user_id,
         );
+        let logged = crate::reqlog::enabled();
         RequestContext {
             request_id,
             id,
             cmd,
             started,
             span,
+            session_id: session_id.filter(|_| logged).map(Box::from),
+            user_id: user_id.filter(|_| logged).map(Box::from),
         }
     }
 

@@ -3,7 +3,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -84,21 +83,16 @@ fn wall_clock_micros() -> u64 {
 /// Connection counts.
 #[derive(Default)]
 pub struct ConnectionCounters {
+    /// Open now.
     current: AtomicU64,
+    /// Accepted since start.
     total: AtomicU64,
+    /// Refused at the connection limit since start.
     refused: AtomicU64,
 }
 
-/// What STATS reports under `connections`.
-#[derive(Serialize, Debug, Clone, PartialEq)]
-pub struct ConnectionStats {
-    /// Open now.
-    pub current: u64,
-    /// Accepted since start.
-    pub total: u64,
-    /// Turned away at the connection limit since start.
-    pub refused: u64,
-}
+/// What STATS reports under `connections`: the client crate's type, one schema for both sides.
+pub use scaled_client::answers::ConnectionStats;
 
 impl ConnectionCounters {
     /// Counts a connection accepted; the guard counts it closed when dropped.
@@ -108,9 +102,11 @@ impl ConnectionCounters {
         OpenConnection(self)
     }
 
-    /// Counts a connection refused at the limit.
+    /// Counts a connection refused at the limit, and says so in the log (at most once per interval,
+    /// so a flood of refusals cannot flood the log too).
     pub fn refused(&self) {
         self.refused.fetch_add(1, Ordering::Relaxed);
+        crate::reqlog::overloaded("connection limit reached; refusing new connections");
     }
 
     /// The counts now.

@@ -16,7 +16,7 @@
 //! - [`cache`]: the sharded LRU with per-entry TTL. It knows nothing of sockets.
 //! - [`locks`]: the lock table: FIFO queues, fencing tokens, leases, release when a connection ends.
 //!   It knows a connection only as a number and a cancellation token.
-//! - [`meter`]: response times and rates over a sliding 60-second window.
+//! - [`meter`]: response times and rates over a sliding 60-second window, and since-start totals.
 //! - [`redis`]: the link to a shared Redis (connection, health, Lua scripts, the invalidation stream,
 //!   release wake-ups). It knows nothing of the cache or the lock table.
 //! - [`daemon`]: the shared state the connections hold.
@@ -24,6 +24,9 @@
 //!   times the connection limit cannot exceed what the host can spare.
 //! - [`rlimit`]: raises the open-file limit so the connection limit, not the kernel, turns clients away.
 //! - [`throttle`]: rate-limited warnings for what a client can cause at will.
+//! - [`stats`]: [`daemon::Daemon::stats`], the one builder of every figure, for STATS and `/metrics`.
+//! - [`metrics`]: the Prometheus endpoint (`--metrics`), rendering those figures.
+//! - [`reqlog`]: each request's log line (debug) and the warnings an operator needs (info).
 //! - [`config`]: every setting, as a flag and an environment variable.
 
 pub mod budget;
@@ -35,8 +38,11 @@ pub mod context;
 pub mod daemon;
 pub mod locks;
 pub mod meter;
+pub mod metrics;
 pub mod redis;
+pub mod reqlog;
 pub mod rlimit;
 pub mod server;
+pub mod stats;
 pub mod store;
 pub mod throttle;

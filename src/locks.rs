@@ -519,6 +519,12 @@ impl LockTable {
         }
     }
 
+    /// Runs `read` on the wait times (µs) of the LOCKs that queued and were granted, since start: the
+    /// histogram behind `wait_p50`..`wait_p99`, which /metrics exposes in full.
+    pub fn read_waits<T>(&self, read: impl FnOnce(&Histogram<u32>) -> T) -> T {
+        read(&self.state.lock().waits)
+    }
+
     /// The locks held now, by key.
     pub fn list(&self, now: Instant) -> Vec<LockInfo> {
         let st = self.state.lock();

@@ -53,6 +53,9 @@ pub enum StartError {
     /// The Redis settings cannot work (a bad REDIS_URL, too few connections allowed).
     #[error("{0}")]
     Redis(#[from] crate::redis::LinkError),
+    /// The metrics endpoint could not start.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     /// Creating, locking or binding something failed.
     #[error("{what}: {source}")]
     Io {
@@ -73,6 +76,8 @@ pub struct Server {
     daemon: Arc<Daemon>,
     unix: UnixListener,
     tcp: Option<TcpListener>,
+    /// The Prometheus endpoint's listener, with `--metrics`.
+    metrics: Option<TcpListener>,
     socket_path: PathBuf,
     /// Held for the daemon's life: whoever holds it owns the socket path, so two daemons starting at
     /// once cannot both decide the socket is stale.
@@ -87,6 +92,8 @@ impl Server {
                 return Err(StartError::RemoteTcp(addr));
             }
         }
+        // Before the socket is claimed, so a bad --metrics leaves no socket file behind.
+        let metrics = crate::metrics::bind(&config)?;
         let socket_path = config.socket.clone();
         let path_lock = claim_socket_path(&socket_path)?;
         let unix = UnixListener::bind(&socket_path)
@@ -109,6 +116,7 @@ impl Server {
             daemon: Arc::new(Daemon::new(config)?),
             unix,
             tcp,
+            metrics,
             socket_path,
             _path_lock: path_lock,
         })
@@ -130,6 +138,7 @@ impl Server {
             daemon,
             unix,
             tcp,
+            metrics,
             socket_path,
             _path_lock,
         } = self;
@@ -146,6 +155,13 @@ impl Server {
 
         tracker.spawn(sweep_cache(daemon.clone()));
         tracker.spawn(daemon.locks.clone().run_expiry(daemon.shutdown.clone()));
+        if let Some(listener) = metrics {
+            tracker.spawn(crate::metrics::serve(
+                listener,
+                daemon.clone(),
+                tracker.clone(),
+            ));
+        }
         let unix_loop = accept_loop(
             unix,
             daemon.clone(),

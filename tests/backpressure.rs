@@ -55,7 +55,7 @@ async fn a_holder_can_unlock_while_its_connection_has_locks_waiting() {
     let first = tokio::spawn(async move { a.lock("session:9", oa).await.map(|g| g.fence()) });
     let second = tokio::spawn(async move { b.lock("session:9", ob).await.map(|g| g.fence()) });
     let deadline = Instant::now() + Duration::from_secs(10);
-    while client.stats().await.expect("STATS")["locks"]["waiters"].as_u64() != Some(2) {
+    while client.stats().await.expect("STATS").locks.waiters != 2 {
         assert!(Instant::now() < deadline, "the two LOCKs never queued");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -108,7 +108,7 @@ async fn a_client_closing_at_its_limit_still_releases_its_locks() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let stats = observer.stats().await.expect("STATS");
-        let waiters = stats["locks"]["waiters"].as_u64().expect("locks.waiters");
+        let waiters = stats.locks.waiters;
         if waiters == 1 {
             break;
         }
@@ -123,7 +123,7 @@ async fn a_client_closing_at_its_limit_still_releases_its_locks() {
         .expect("lock task");
     let guard = guard.expect("LOCK after the holder closed");
     let stats = waiter.stats().await.expect("STATS");
-    assert_eq!(stats["locks"]["released_on_disconnect"].as_u64(), Some(1));
-    assert_eq!(stats["locks"]["expiries"].as_u64(), Some(0));
+    assert_eq!(stats.locks.released_on_disconnect, 1);
+    assert_eq!(stats.locks.expiries, 0);
     guard.unlock().await.expect("UNLOCK");
 }

@@ -120,7 +120,7 @@ async fn a_client_that_never_reads_its_answers_holds_a_bounded_buffer() {
     let mut open = u64::MAX;
     for _ in 0..1000 {
         let stats = stats_client.stats().await.expect("STATS");
-        open = stats["connections"]["current"].as_u64().expect("current");
+        open = stats.connections.current;
         if open <= 3 {
             break;
         }
@@ -281,7 +281,7 @@ async fn the_cache_is_bounded_in_bytes_by_default() {
     let pid = daemon.child.id();
     let client = daemon.client().await;
     let stats = client.stats().await.expect("STATS");
-    let budget = stats["cache"]["max_bytes"].as_u64().expect("max_bytes");
+    let budget = stats.cache.max_bytes;
     assert_eq!(budget, 256 << 20, "the default CACHE_MAX_BYTES");
     // 10 000 entries of 1 MiB would be 10 GiB; 400 of them already pass the budget.
     let value = vec![5u8; 1 << 20];
@@ -292,7 +292,7 @@ async fn the_cache_is_bounded_in_bytes_by_default() {
             .expect("SET");
     }
     let stats = client.stats().await.expect("STATS");
-    let bytes = stats["cache"]["bytes"].as_u64().expect("bytes");
+    let bytes = stats.cache.bytes;
     assert!(bytes <= budget, "the cache holds {bytes} bytes");
     let peak = peak_mib(pid);
     assert!(

@@ -6,41 +6,13 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::TestDaemon;
-use scaled_client::{Client, Error, MAX_KEY_LEN, MAX_VALUE_LEN};
+use scaled_client::proto::{Args, CommandName};
+use scaled_client::{Client, Error, Stats, MAX_KEY_LEN, MAX_VALUE_LEN};
 
 /// How long a test waits for an entry to expire before failing.
 const EXPIRY_LIMIT: Duration = Duration::from_secs(10);
 
-/// The member of a STATS map at `path`, failing the test with the document when it is not there.
-fn member<'a>(stats: &'a rmpv::Value, path: &[&str]) -> &'a rmpv::Value {
-    let mut at = stats;
-    for (depth, name) in path.iter().enumerate() {
-        let map = at
-            .as_map()
-            .unwrap_or_else(|| panic!("STATS {:?} is not a map: {at}", &path[..depth]));
-        at = map
-            .iter()
-            .find(|(k, _)| k.as_str() == Some(name))
-            .map(|(_, v)| v)
-            .unwrap_or_else(|| panic!("STATS has no {:?}: {stats}", &path[..=depth]));
-    }
-    at
-}
-
-fn stat_u64(stats: &rmpv::Value, path: &[&str]) -> u64 {
-    member(stats, path)
-        .as_u64()
-        .unwrap_or_else(|| panic!("STATS {path:?} is not an unsigned integer"))
-}
-
-fn stat_f64(stats: &rmpv::Value, path: &[&str]) -> f64 {
-    let v = member(stats, path);
-    v.as_f64()
-        .or_else(|| v.as_u64().map(|n| n as f64))
-        .unwrap_or_else(|| panic!("STATS {path:?} is not a number: {v}"))
-}
-
-async fn stats(client: &Client) -> rmpv::Value {
+async fn stats(client: &Client) -> Stats {
     client.stats().await.expect("STATS")
 }
 
@@ -60,10 +32,7 @@ async fn wait_until_gone(client: &Client, key: &str, what: &str) {
 async fn entries_expire_after_their_ttl() {
     let daemon = TestDaemon::start(&[]);
     let client = daemon.client().await;
-    assert_eq!(
-        stat_u64(&stats(&client).await, &["cache", "expirations"]),
-        0
-    );
+    assert_eq!(stats(&client).await.cache.expirations, 0);
 
     client
         .set("ttl:short", b"soon gone", Some(Duration::from_millis(150)))
@@ -80,15 +49,8 @@ async fn entries_expire_after_their_ttl() {
         Some(&b"stays"[..])
     );
     let s = stats(&client).await;
-    assert!(
-        stat_u64(&s, &["cache", "expirations"]) >= 1,
-        "no expiration counted: {s}"
-    );
-    assert_eq!(
-        stat_u64(&s, &["cache", "size"]),
-        1,
-        "only ttl:long should remain: {s}"
-    );
+    assert!(s.cache.expirations >= 1, "no expiration counted: {s:?}");
+    assert_eq!(s.cache.size, 1, "only ttl:long should remain: {s:?}");
     // An expired entry is gone for DEL too.
     assert!(!client.del("ttl:short").await.expect("DEL"));
 }
@@ -111,10 +73,7 @@ async fn cache_ttl_applies_to_a_set_without_ttl_and_ttl_zero_never_expires() {
 
     // It was stored and then expired, not refused.
     let s = stats(&client).await;
-    assert!(
-        stat_u64(&s, &["cache", "expirations"]) >= 1,
-        "no expiration counted: {s}"
-    );
+    assert!(s.cache.expirations >= 1, "no expiration counted: {s:?}");
     // Both outlived the default TTL.
     assert_eq!(
         client.get("ttl:never").await.expect("GET").as_deref(),
@@ -160,9 +119,9 @@ async fn least_recently_used_entry_is_evicted_at_capacity() {
     client.set("d", b"d", None).await.expect("SET");
 
     let s = stats(&client).await;
-    assert_eq!(stat_u64(&s, &["cache", "evictions"]), 1, "{s}");
-    assert_eq!(stat_u64(&s, &["cache", "size"]), 3, "{s}");
-    assert_eq!(stat_u64(&s, &["cache", "max_size"]), 3, "{s}");
+    assert_eq!(s.cache.evictions, 1, "{s:?}");
+    assert_eq!(s.cache.size, 3, "{s:?}");
+    assert_eq!(s.cache.max_size, 3, "{s:?}");
 
     assert_eq!(
         client.get("b").await.expect("GET"),
@@ -179,8 +138,8 @@ async fn least_recently_used_entry_is_evicted_at_capacity() {
     // Overwriting a present key makes no room and evicts nothing.
     client.set("c", b"c2", None).await.expect("SET");
     let s = stats(&client).await;
-    assert_eq!(stat_u64(&s, &["cache", "evictions"]), 1, "{s}");
-    assert_eq!(stat_u64(&s, &["cache", "size"]), 3, "{s}");
+    assert_eq!(s.cache.evictions, 1, "{s:?}");
+    assert_eq!(s.cache.size, 3, "{s:?}");
 }
 
 #[tokio::test]
@@ -188,13 +147,9 @@ async fn hits_misses_and_hit_rate_are_counted() {
     let daemon = TestDaemon::start(&[]);
     let client = daemon.client().await;
     let s = stats(&client).await;
-    assert_eq!(stat_u64(&s, &["cache", "hits"]), 0);
-    assert_eq!(stat_u64(&s, &["cache", "misses"]), 0);
-    assert_eq!(
-        stat_f64(&s, &["cache", "hit_rate"]),
-        0.0,
-        "hit_rate before any GET: {s}"
-    );
+    assert_eq!(s.cache.hits, 0);
+    assert_eq!(s.cache.misses, 0);
+    assert_eq!(s.cache.hit_rate, 0.0, "hit_rate before any GET: {s:?}");
 
     client.set("k", b"v", None).await.expect("SET");
     client.get("k").await.expect("GET");
@@ -202,9 +157,9 @@ async fn hits_misses_and_hit_rate_are_counted() {
     client.get("nope").await.expect("GET");
 
     let s = stats(&client).await;
-    assert_eq!(stat_u64(&s, &["cache", "hits"]), 2, "{s}");
-    assert_eq!(stat_u64(&s, &["cache", "misses"]), 1, "{s}");
-    let rate = stat_f64(&s, &["cache", "hit_rate"]);
+    assert_eq!(s.cache.hits, 2, "{s:?}");
+    assert_eq!(s.cache.misses, 1, "{s:?}");
+    let rate = s.cache.hit_rate;
     assert!(
         (rate - 66.67).abs() < 0.01,
         "hit_rate is {rate}, not 66.67 (percent of 2 in 3)"
@@ -300,7 +255,7 @@ async fn over_limit_keys_and_values_are_refused_through_the_client() {
     assert!(matches!(err, Error::BadArgument(_)), "empty key: {err:?}");
     // Nothing was stored, and the connection still works.
     assert_eq!(client.get("big").await.expect("GET"), None);
-    assert_eq!(stat_u64(&stats(&client).await, &["cache", "size"]), 0);
+    assert_eq!(stats(&client).await.cache.size, 0);
 }
 
 #[tokio::test]
@@ -309,36 +264,46 @@ async fn stats_has_the_seed_shape() {
     let client = daemon.client().await;
     client.set("s", b"v", None).await.expect("SET");
     client.get("s").await.expect("GET");
-    let s = stats(&client).await;
-
+    // The wire document, untyped: the typed decoding would fill a missing member with 0.
+    let raw = client
+        .call(CommandName::Stats, Args::default())
+        .await
+        .expect("STATS");
     for name in ["size", "max_size", "hits", "misses"] {
-        stat_u64(&s, &["cache", name]);
+        assert!(raw["cache"][name].is_u64(), "cache.{name} in {raw}");
     }
-    stat_f64(&s, &["cache", "hit_rate"]);
-    assert_eq!(stat_u64(&s, &["cache", "max_size"]), 123);
-    assert_eq!(stat_u64(&s, &["cache", "size"]), 1);
+    assert!(raw["cache"]["hit_rate"].is_f64(), "cache.hit_rate in {raw}");
     for name in [
         "requests_per_second",
         "avg_response_time",
         "p95_response_time",
         "p99_response_time",
-        "total_requests",
     ] {
-        let v = stat_f64(&s, &["performance", name]);
-        assert!(v.is_finite() && v >= 0.0, "performance.{name} is {v}");
+        let v = raw["performance"][name].as_f64();
+        assert!(
+            v.is_some_and(|v| v.is_finite() && v >= 0.0),
+            "performance.{name} in {raw}"
+        );
     }
+    assert!(raw["performance"]["total_requests"].is_u64(), "{raw}");
+    assert!(
+        raw["redis"]["available"].is_bool(),
+        "redis.available in {raw}"
+    );
+    for name in ["current", "total", "refused"] {
+        assert!(
+            raw["connections"][name].is_u64(),
+            "connections.{name} in {raw}"
+        );
+    }
+    assert!(raw["locks"].is_map(), "locks is not a map: {raw}");
+
+    let s = stats(&client).await;
+    assert_eq!(s.cache.max_size, 123);
+    assert_eq!(s.cache.size, 1);
     // SET and GET at least (HELLO and STATS itself may count too).
-    assert!(stat_u64(&s, &["performance", "total_requests"]) >= 2, "{s}");
-    assert!(
-        member(&s, &["redis", "available"]).as_bool().is_some(),
-        "redis.available is not a bool"
-    );
-    assert!(
-        member(&s, &["connections"]).is_map(),
-        "connections is not a map: {s}"
-    );
-    assert!(stat_u64(&s, &["connections", "current"]) >= 1, "{s}");
-    assert!(member(&s, &["locks"]).is_map(), "locks is not a map: {s}");
+    assert!(s.performance.overall.total_requests >= 2, "{s:?}");
+    assert!(s.connections.current >= 1, "{s:?}");
 }
 
 #[tokio::test]
@@ -349,9 +314,9 @@ async fn the_byte_budget_evicts_oldest_first_and_refuses_what_cannot_fit() {
         client.set(key, &[b'v'; 40], None).await.expect("SET"); // 42 bytes each
     }
     let s = stats(&client).await;
-    assert_eq!(stat_u64(&s, &["cache", "evictions"]), 1, "{s}");
-    assert_eq!(stat_u64(&s, &["cache", "bytes"]), 84, "{s}");
-    assert_eq!(stat_u64(&s, &["cache", "max_bytes"]), 100, "{s}");
+    assert_eq!(s.cache.evictions, 1, "{s:?}");
+    assert_eq!(s.cache.bytes, 84, "{s:?}");
+    assert_eq!(s.cache.max_bytes, 100, "{s:?}");
     assert_eq!(
         client.get("k1").await.expect("GET"),
         None,
@@ -367,5 +332,5 @@ async fn the_byte_budget_evicts_oldest_first_and_refuses_what_cannot_fit() {
     assert!(matches!(err, Error::TooLarge(_)), "{err:?}");
     // Refusing it evicted nothing.
     let s = stats(&client).await;
-    assert_eq!(stat_u64(&s, &["cache", "size"]), 2, "{s}");
+    assert_eq!(s.cache.size, 2, "{s:?}");
 }

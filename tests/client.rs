@@ -1,5 +1,6 @@
 //! The client crate against the real daemon: it reconnects after the daemon restarts, fails the calls
-//! that were in flight when the connection broke, and maps each error code to its own variant.
+//! that were in flight when the connection broke, maps each error code to its own variant, and keeps
+//! its connect and request timeouts without ever handing a late answer to another caller.
 
 mod common;
 
@@ -23,7 +24,7 @@ async fn reconnects_after_the_daemon_restarts() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let stats = client.stats().await.expect("STATS");
-        if stats["performance"]["total_requests"].as_u64() >= Some(3) {
+        if stats.performance.overall.total_requests >= 3 {
             break;
         }
         assert!(
@@ -139,4 +140,68 @@ async fn a_client_that_speaks_another_version_is_told_so() {
     let gone = daemon.dir.path().join("nobody.sock");
     let result = Client::connect(Endpoint::Unix(gone), "test").await;
     assert!(matches!(result, Err(Error::Io(_))));
+}
+
+/// Stops the daemon with SIGSTOP and waits until the kernel has stopped it: the signal is delivered
+/// asynchronously, and a daemon still running for a moment would answer.
+fn stop(daemon: &TestDaemon) {
+    daemon.signal("STOP");
+    let stat = format!("/proc/{}/stat", daemon.child.id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&stat).expect("read the daemon's /proc stat");
+        // The state follows the parenthesised command name.
+        let state = text.rsplit_once(')').map(|(_, rest)| rest.trim_start());
+        if state.is_some_and(|s| s.starts_with('T')) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the daemon did not stop: {text}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[tokio::test]
+async fn a_request_past_its_timeout_fails_and_its_late_answer_goes_to_nobody() {
+    let daemon = TestDaemon::start(&[]);
+    let client = Client::builder(Endpoint::Unix(daemon.socket.clone()))
+        .name("timeouts")
+        .request_timeout(Duration::from_millis(200))
+        .connect()
+        .await
+        .expect("connect");
+    assert!(format!("{client:?}").contains("timeouts"), "{client:?}");
+    assert_eq!(client.welcome().await.expect("HELLO").version, 1);
+    client.set("a", b"A", None).await.expect("SET");
+    client.set("b", b"B", None).await.expect("SET");
+
+    // A stopped daemon reads nothing, so the GET cannot be answered in time.
+    stop(&daemon);
+    let err = client.get("a").await.expect_err("no answer while stopped");
+    daemon.signal("CONT");
+    assert!(matches!(err, Error::Timeout(_)), "{err:?}");
+    assert!(err.to_string().contains("GET"), "{err}");
+
+    // The late answer to the first GET arrives on the same connection; the next caller still gets
+    // its own.
+    assert_eq!(
+        client.get("b").await.expect("GET").as_deref(),
+        Some(&b"B"[..])
+    );
+    assert_eq!(
+        client.get("a").await.expect("GET").as_deref(),
+        Some(&b"A"[..])
+    );
+}
+
+#[tokio::test]
+async fn a_connect_past_its_timeout_fails() {
+    let daemon = TestDaemon::start(&[]);
+    // The kernel still accepts the connection of a stopped daemon, but HELLO is never answered.
+    stop(&daemon);
+    let attempt = Client::builder(Endpoint::Unix(daemon.socket.clone()))
+        .connect_timeout(Duration::from_millis(200))
+        .connect()
+        .await;
+    daemon.signal("CONT");
+    assert!(matches!(attempt, Err(Error::Timeout(_))), "{attempt:?}");
 }

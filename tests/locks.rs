@@ -11,8 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{RawConn, TestDaemon};
+use scaled_client::answers::LockStats;
 use scaled_client::proto::{Args, CommandName, Fence, Request};
-use scaled_client::{Client, Endpoint, Error, LockGuard, LockOptions, LockStatus};
+use scaled_client::{Client, Endpoint, Error, Grant, LockGuard, LockInfo, LockOptions, LockStatus};
 
 /// How long a test waits for an event (a grant, a counter, a listing) before failing.
 const EVENT_LIMIT: Duration = Duration::from_secs(10);
@@ -29,56 +30,31 @@ const SHORT_LEASE: Duration = Duration::from_millis(200);
 // ---------------------------------------------------------------------------------------------------
 // Helpers
 
-/// The member `name` of a map-shaped value, failing the test with the value when it is not there.
-fn field<'a>(value: &'a rmpv::Value, name: &str) -> &'a rmpv::Value {
-    value
-        .as_map()
-        .and_then(|m| m.iter().find(|(k, _)| k.as_str() == Some(name)))
-        .map(|(_, v)| v)
-        .unwrap_or_else(|| panic!("no `{name}` in {value}"))
+/// STATS `locks`.
+async fn lock_stats(client: &Client) -> LockStats {
+    client.stats().await.expect("STATS").locks
 }
 
-fn field_u64(value: &rmpv::Value, name: &str) -> u64 {
-    field(value, name)
-        .as_u64()
-        .unwrap_or_else(|| panic!("`{name}` is not an unsigned integer in {value}"))
-}
-
-fn field_str<'a>(value: &'a rmpv::Value, name: &str) -> &'a str {
-    field(value, name)
-        .as_str()
-        .unwrap_or_else(|| panic!("`{name}` is not a string in {value}"))
-}
-
-/// STATS `locks.<name>`.
-async fn lock_stat(client: &Client, name: &str) -> u64 {
-    let stats = client.stats().await.expect("STATS");
-    field_u64(field(&stats, "locks"), name)
-}
-
-/// Polls STATS until `locks.<name>` equals `want`, failing after [`EVENT_LIMIT`].
-async fn wait_for_stat(client: &Client, name: &str, want: u64) {
+/// Polls STATS until the `locks` figure `pick` chooses equals `want`, failing after [`EVENT_LIMIT`].
+async fn wait_for_stat(client: &Client, pick: fn(&LockStats) -> u64, want: u64) {
     let deadline = Instant::now() + EVENT_LIMIT;
     loop {
-        let got = lock_stat(client, name).await;
-        if got == want {
+        let stats = lock_stats(client).await;
+        if pick(&stats) == want {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "STATS locks.{name} was still {got}, not {want}, after {EVENT_LIMIT:?}"
+            "STATS locks was still {stats:?}, not {want} where awaited, after {EVENT_LIMIT:?}"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
 /// The LOCKS row for `key`, if it is held.
-async fn lock_row(client: &Client, key: &str) -> Option<rmpv::Value> {
+async fn lock_row(client: &Client, key: &str) -> Option<LockInfo> {
     let listing = client.locks().await.expect("LOCKS");
-    let rows = listing
-        .as_array()
-        .unwrap_or_else(|| panic!("LOCKS is not an array: {listing}"));
-    rows.iter().find(|r| field_str(r, "key") == key).cloned()
+    listing.into_iter().find(|r| r.key == key)
 }
 
 /// Polls LOCKS until `key` is no longer listed, failing after [`EVENT_LIMIT`].
@@ -87,7 +63,7 @@ async fn wait_until_free(client: &Client, key: &str, what: &str) {
     while let Some(row) = lock_row(client, key).await {
         assert!(
             Instant::now() < deadline,
-            "{what}: `{key}` still held after {EVENT_LIMIT:?}: {row}"
+            "{what}: `{key}` still held after {EVENT_LIMIT:?}: {row:?}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -152,10 +128,8 @@ fn grant_of(response: &scaled_client::proto::Response) -> (String, u64) {
         response.id,
         response.err
     );
-    (
-        field_str(&response.ok, "token").to_string(),
-        field_u64(&response.ok, "fence"),
-    )
+    let grant: Grant = rmpv::ext::from_value(response.ok.clone()).expect("a grant");
+    (grant.token, grant.fence)
 }
 
 /// Takes `key` on a raw connection (granted at once, or the test fails) and returns the grant.
@@ -253,13 +227,13 @@ async fn lock_makes_read_modify_write_exclusive() {
     );
 
     let stats = clients[0].stats().await.expect("STATS");
-    let locks = field(&stats, "locks");
-    assert_eq!(field_u64(locks, "grants"), INCREMENTS as u64);
-    assert_eq!(field_u64(locks, "requests"), INCREMENTS as u64);
-    assert_eq!(field_u64(locks, "timeouts"), 0);
-    assert_eq!(field_u64(locks, "expiries"), 0);
-    assert_eq!(field_u64(locks, "held"), 0);
-    assert_eq!(field_u64(locks, "waiters"), 0);
+    let locks = &stats.locks;
+    assert_eq!(locks.grants, INCREMENTS as u64);
+    assert_eq!(locks.requests, INCREMENTS as u64);
+    assert_eq!(locks.timeouts, 0);
+    assert_eq!(locks.expiries, 0);
+    assert_eq!(locks.held, 0);
+    assert_eq!(locks.waiters, 0);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -292,11 +266,11 @@ async fn waiters_on_separate_connections_are_granted_in_arrival_order() {
             order.lock().unwrap().push((i, guard.fence()));
             assert_eq!(guard.unlock().await.expect("UNLOCK"), LockStatus::Ok);
         }));
-        wait_for_stat(&holder, "waiters", i as u64 + 1).await;
+        wait_for_stat(&holder, |l| l.waiters, i as u64 + 1).await;
     }
     let row = lock_row(&holder, KEY).await.expect("held");
-    assert_eq!(field_u64(&row, "waiters"), WAITERS as u64);
-    assert!(field_str(&row, "owner").starts_with("holder#"), "{row}");
+    assert_eq!(row.waiters, WAITERS as u64);
+    assert!(row.owner.starts_with("holder#"), "{row:?}");
 
     assert_eq!(held.unlock().await.expect("UNLOCK"), LockStatus::Ok);
     for task in tasks {
@@ -313,9 +287,9 @@ async fn waiters_on_separate_connections_are_granted_in_arrival_order() {
         "fences not increasing in grant order: {order:?}"
     );
     let stats = holder.stats().await.expect("STATS");
-    let locks = field(&stats, "locks");
-    assert_eq!(field_u64(locks, "grants"), WAITERS as u64 + 1);
-    assert_eq!(field_u64(locks, "waiters"), 0);
+    let locks = &stats.locks;
+    assert_eq!(locks.grants, WAITERS as u64 + 1);
+    assert_eq!(locks.waiters, 0);
 }
 
 /// LOCKs pipelined on one connection queue in the order of their frames and are granted in it.
@@ -338,7 +312,7 @@ async fn waiters_pipelined_on_one_connection_are_granted_in_frame_order() {
         scaled_client::frame::push_frame(&mut bytes, &body);
     }
     conn.send_bytes(&bytes).await;
-    wait_for_stat(&holder, "waiters", WAITERS).await;
+    wait_for_stat(&holder, |l| l.waiters, WAITERS).await;
 
     assert_eq!(held.unlock().await.expect("UNLOCK"), LockStatus::Ok);
     let mut grants = Vec::new();
@@ -347,8 +321,8 @@ async fn waiters_pipelined_on_one_connection_are_granted_in_frame_order() {
         let response = conn.recv().await.expect("daemon closed the connection");
         if response.id > 1000 {
             assert_eq!(
-                field_str(&response.ok, "status"),
-                "OK",
+                response.ok["status"].as_str(),
+                Some("OK"),
                 "UNLOCK {}",
                 response.id
             );
@@ -382,15 +356,15 @@ async fn try_lock_is_refused_and_a_wait_times_out() {
         .lock(KEY, opts(LONG_LEASE, LONG_WAIT))
         .await
         .expect("LOCK");
-    assert_eq!(lock_stat(&other, "refused").await, 0);
-    assert_eq!(lock_stat(&other, "timeouts").await, 0);
+    assert_eq!(lock_stats(&other).await.refused, 0);
+    assert_eq!(lock_stats(&other).await.timeouts, 0);
 
     match other.try_lock(KEY, LockOptions::default()).await {
         Err(Error::Locked(_)) => {}
         Err(e) => panic!("try_lock on a held lock: {e}"),
         Ok(_) => panic!("try_lock on a held lock was granted"),
     }
-    assert_eq!(lock_stat(&other, "refused").await, 1);
+    assert_eq!(lock_stats(&other).await.refused, 1);
 
     // wait_ms 0 on the wire is try mode too.
     let refused = other
@@ -404,7 +378,7 @@ async fn try_lock_is_refused_and_a_wait_times_out() {
         )
         .await;
     assert!(matches!(refused, Err(Error::Locked(_))), "{refused:?}");
-    assert_eq!(lock_stat(&other, "refused").await, 2);
+    assert_eq!(lock_stats(&other).await.refused, 2);
 
     match other
         .lock(KEY, opts(LONG_LEASE, Duration::from_millis(200)))
@@ -415,11 +389,11 @@ async fn try_lock_is_refused_and_a_wait_times_out() {
         Ok(_) => panic!("lock with a short wait on a held lock was granted"),
     }
     let stats = other.stats().await.expect("STATS");
-    let locks = field(&stats, "locks");
-    assert_eq!(field_u64(locks, "timeouts"), 1);
-    assert_eq!(field_u64(locks, "refused"), 2);
-    assert_eq!(field_u64(locks, "waiters"), 0, "the timed-out wait left");
-    assert_eq!(field_u64(locks, "grants"), 1);
+    let locks = &stats.locks;
+    assert_eq!(locks.timeouts, 1);
+    assert_eq!(locks.refused, 2);
+    assert_eq!(locks.waiters, 0, "the timed-out wait left");
+    assert_eq!(locks.grants, 1);
 
     // The holder was never disturbed, and a free lock is granted to a try.
     assert_eq!(held.unlock().await.expect("UNLOCK"), LockStatus::Ok);
@@ -476,8 +450,8 @@ async fn unlock_answers_each_status() {
         );
     }
     let row = lock_row(&a, "u").await.expect("still held by b");
-    assert_eq!(field_u64(&row, "fence"), second.fence());
-    assert!(field_str(&row, "owner").starts_with("b#"), "{row}");
+    assert_eq!(row.fence, second.fence());
+    assert!(row.owner.starts_with("b#"), "{row:?}");
     assert_eq!(second.unlock().await.unwrap(), LockStatus::Ok);
 
     // EXPIRED: the lease ran out (seen in LOCKS) before UNLOCK.
@@ -486,7 +460,7 @@ async fn unlock_answers_each_status() {
         .await
         .expect("LOCK");
     wait_until_free(&a, "u", "a 200 ms lease").await;
-    assert_eq!(lock_stat(&a, "expiries").await, 1);
+    assert_eq!(lock_stats(&a).await.expiries, 1);
     assert_eq!(short.unlock().await.unwrap(), LockStatus::Expired);
 
     // EXPIRED, not NOT_OWNER, even when the lease ran out and a waiter already has the lock.
@@ -502,12 +476,12 @@ async fn unlock_answers_each_status() {
     assert!(next.fence() > short.fence());
     assert_eq!(short.unlock().await.unwrap(), LockStatus::Expired);
     assert_eq!(
-        lock_row(&a, "u").await.map(|r| field_u64(&r, "fence")),
+        lock_row(&a, "u").await.map(|r| r.fence),
         Some(next.fence()),
         "the late UNLOCK released the new holder's lock"
     );
     assert_eq!(next.unlock().await.unwrap(), LockStatus::Ok);
-    assert_eq!(lock_stat(&a, "expiries").await, 2);
+    assert_eq!(lock_stats(&a).await.expiries, 2);
 }
 
 #[tokio::test]
@@ -533,8 +507,8 @@ async fn extend_answers_each_status_and_really_extends() {
     assert_eq!(held.extend(extended_to).await.unwrap(), LockStatus::Ok);
     let row = lock_row(&a, "e").await.expect("held");
     assert!(
-        field_u64(&row, "ttl_ms") > SHORT_LEASE.as_millis() as u64 * 5,
-        "lease left after EXTEND: {row}"
+        row.ttl_ms > SHORT_LEASE.as_millis() as u64 * 5,
+        "lease left after EXTEND: {row:?}"
     );
     // Time passing is the point here: well past the original 200 ms deadline.
     tokio::time::sleep(SHORT_LEASE * 3).await;
@@ -545,7 +519,7 @@ async fn extend_answers_each_status_and_really_extends() {
         ),
         "the lock was free after its original lease, though extended"
     );
-    assert_eq!(lock_stat(&a, "expiries").await, 0);
+    assert_eq!(lock_stats(&a).await.expiries, 0);
 
     // NOT_OWNER: a foreign lease (a token of the same lock's previous grant, and one of another lock).
     let other = b
@@ -577,7 +551,7 @@ async fn extend_answers_each_status_and_really_extends() {
     wait_until_free(&a, "e", "a 200 ms lease").await;
     assert_eq!(short.extend(LONG_LEASE).await.unwrap(), LockStatus::Expired);
     assert!(lock_row(&a, "e").await.is_none(), "EXTEND revived a lease");
-    assert_eq!(lock_stat(&a, "expiries").await, 1);
+    assert_eq!(lock_stats(&a).await.expiries, 1);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -699,18 +673,18 @@ async fn a_closed_holder_connection_frees_its_lock_for_the_next_waiter() {
     let waiter_client = named_client(&daemon, "waiter").await;
     let waiter =
         tokio::spawn(async move { waiter_client.lock(KEY, opts(LONG_LEASE, LONG_WAIT)).await });
-    wait_for_stat(&observer, "waiters", 1).await;
+    wait_for_stat(&observer, |l| l.waiters, 1).await;
 
     drop(holder);
     let guard = granted_within(waiter, "waiter after the holder's connection closed").await;
     assert!(guard.fence() > holder_fence);
     let row = lock_row(&observer, KEY).await.expect("held by the waiter");
-    assert!(field_str(&row, "owner").starts_with("waiter#"), "{row}");
+    assert!(row.owner.starts_with("waiter#"), "{row:?}");
     let stats = observer.stats().await.expect("STATS");
-    let locks = field(&stats, "locks");
-    assert_eq!(field_u64(locks, "released_on_disconnect"), 1);
-    assert_eq!(field_u64(locks, "expiries"), 0);
-    assert_eq!(field_u64(locks, "grants"), 2);
+    let locks = &stats.locks;
+    assert_eq!(locks.released_on_disconnect, 1);
+    assert_eq!(locks.expiries, 0);
+    assert_eq!(locks.grants, 2);
     assert_eq!(guard.unlock().await.unwrap(), LockStatus::Ok);
 }
 
@@ -729,28 +703,28 @@ async fn a_closed_waiter_connection_is_never_granted() {
     let mut w1 = daemon.raw().await;
     w1.request(&lock_request(1, KEY, LONG_LEASE, LONG_WAIT, false))
         .await;
-    wait_for_stat(&holder, "waiters", 1).await;
+    wait_for_stat(&holder, |l| l.waiters, 1).await;
     let w2_client = named_client(&daemon, "w2").await;
     let w2 = tokio::spawn(async move { w2_client.lock(KEY, opts(LONG_LEASE, LONG_WAIT)).await });
-    wait_for_stat(&holder, "waiters", 2).await;
+    wait_for_stat(&holder, |l| l.waiters, 2).await;
 
     // W1 goes away; the daemon takes it out of the queue.
     drop(w1);
-    wait_for_stat(&holder, "waiters", 1).await;
+    wait_for_stat(&holder, |l| l.waiters, 1).await;
 
     let held_fence = held.fence();
     assert_eq!(held.unlock().await.unwrap(), LockStatus::Ok);
     let guard = granted_within(w2, "W2 after the holder released").await;
     let row = lock_row(&holder, KEY).await.expect("held by W2");
-    assert!(field_str(&row, "owner").starts_with("w2#"), "{row}");
-    assert_eq!(field_u64(&row, "fence"), guard.fence());
-    assert_eq!(field_u64(&row, "waiters"), 0);
+    assert!(row.owner.starts_with("w2#"), "{row:?}");
+    assert_eq!(row.fence, guard.fence());
+    assert_eq!(row.waiters, 0);
     let stats = holder.stats().await.expect("STATS");
-    let locks = field(&stats, "locks");
+    let locks = &stats.locks;
     // The holder's grant and W2's: none ever went to W1.
-    assert_eq!(field_u64(locks, "grants"), 2);
-    assert_eq!(field_u64(locks, "released_on_disconnect"), 0);
-    assert_eq!(field_u64(locks, "waiters"), 0);
+    assert_eq!(locks.grants, 2);
+    assert_eq!(locks.released_on_disconnect, 0);
+    assert_eq!(locks.waiters, 0);
     // Fences come one per grant from one counter: W2's is the very next after the holder's.
     assert_eq!(
         guard.fence(),
@@ -777,23 +751,23 @@ async fn a_cancelled_lock_call_gives_its_late_grant_back() {
         let waiter = waiter.clone();
         tokio::spawn(async move { waiter.lock(KEY, opts(LONG_LEASE, LONG_WAIT)).await })
     };
-    wait_for_stat(&holder, "waiters", 1).await;
+    wait_for_stat(&holder, |l| l.waiters, 1).await;
     attempt.abort();
     assert!(
         matches!(attempt.await, Err(e) if e.is_cancelled()),
         "the lock() call was not cancelled"
     );
     // The daemon cannot know: the LOCK stays queued on the open connection.
-    assert_eq!(lock_stat(&holder, "waiters").await, 1);
+    assert_eq!(lock_stats(&holder).await.waiters, 1);
 
     assert_eq!(held.unlock().await.unwrap(), LockStatus::Ok);
     // The daemon grants the queued LOCK; the waiter's client answers it with an UNLOCK.
-    wait_for_stat(&holder, "grants", 2).await;
+    wait_for_stat(&holder, |l| l.grants, 2).await;
     wait_until_free(&holder, KEY, "a grant nobody was waiting for").await;
     let stats = holder.stats().await.expect("STATS");
-    let locks = field(&stats, "locks");
-    assert_eq!(field_u64(locks, "released_on_disconnect"), 0);
-    assert_eq!(field_u64(locks, "expiries"), 0);
+    let locks = &stats.locks;
+    assert_eq!(locks.released_on_disconnect, 0);
+    assert_eq!(locks.expiries, 0);
     let again = waiter
         .try_lock(KEY, LockOptions::default())
         .await
@@ -810,7 +784,7 @@ async fn an_expired_lease_passes_the_lock_to_the_next_waiter() {
     let daemon = TestDaemon::start(&[]);
     let a = named_client(&daemon, "a").await;
     let b_client = named_client(&daemon, "b").await;
-    assert_eq!(lock_stat(&a, "expiries").await, 0);
+    assert_eq!(lock_stats(&a).await.expiries, 0);
 
     let first = a
         .lock(KEY, opts(SHORT_LEASE, LONG_WAIT))
@@ -821,12 +795,12 @@ async fn an_expired_lease_passes_the_lock_to_the_next_waiter() {
     assert!(second.fence() > first.fence());
 
     let stats = a.stats().await.expect("STATS");
-    let locks = field(&stats, "locks");
-    assert_eq!(field_u64(locks, "expiries"), 1);
-    assert_eq!(field_u64(locks, "grants"), 2);
-    assert_eq!(field_u64(locks, "released_on_disconnect"), 0);
+    let locks = &stats.locks;
+    assert_eq!(locks.expiries, 1);
+    assert_eq!(locks.grants, 2);
+    assert_eq!(locks.released_on_disconnect, 0);
     let row = lock_row(&a, KEY).await.expect("held by b");
-    assert!(field_str(&row, "owner").starts_with("b#"), "{row}");
+    assert!(row.owner.starts_with("b#"), "{row:?}");
     assert_eq!(first.unlock().await.unwrap(), LockStatus::Expired);
     assert_eq!(second.unlock().await.unwrap(), LockStatus::Ok);
 }
@@ -852,8 +826,8 @@ async fn auto_renew_keeps_the_lock_while_the_holder_lives() {
         let row = lock_row(&other, KEY)
             .await
             .unwrap_or_else(|| panic!("auto-renew lock free after {:?}", granted.elapsed()));
-        assert_eq!(field_u64(&row, "fence"), fence, "{row}");
-        assert_eq!(field(&row, "auto_renew").as_bool(), Some(true), "{row}");
+        assert_eq!(row.fence, fence, "{row:?}");
+        assert!(row.auto_renew, "{row:?}");
         match other.try_lock(KEY, LockOptions::default()).await {
             Err(Error::Locked(_)) => {}
             Err(e) => panic!("try_lock after {:?}: {e}", granted.elapsed()),
@@ -864,23 +838,23 @@ async fn auto_renew_keeps_the_lock_while_the_holder_lives() {
     }
     assert!(checks > 1);
     let row = lock_row(&other, KEY).await.expect("still held");
-    assert_eq!(field_u64(&row, "fence"), fence);
+    assert_eq!(row.fence, fence);
     assert!(
-        field_u64(&row, "age_ms") >= observe_for.as_millis() as u64,
-        "held for less than the observation: {row}"
+        row.age_ms >= observe_for.as_millis() as u64,
+        "held for less than the observation: {row:?}"
     );
     let stats = other.stats().await.expect("STATS");
-    let locks = field(&stats, "locks");
-    assert!(field_u64(locks, "renewals") >= 1, "{locks}");
-    assert_eq!(field_u64(locks, "expiries"), 0);
+    let locks = &stats.locks;
+    assert!(locks.renewals >= 1, "{locks:?}");
+    assert_eq!(locks.expiries, 0);
 
     // The holder's connection closes: the lock is released at once, not renewed on.
     drop(holder);
     wait_until_free(&other, KEY, "auto-renew lock after its connection closed").await;
     let stats = other.stats().await.expect("STATS");
-    let locks = field(&stats, "locks");
-    assert_eq!(field_u64(locks, "released_on_disconnect"), 1);
-    assert_eq!(field_u64(locks, "expiries"), 0);
+    let locks = &stats.locks;
+    assert_eq!(locks.released_on_disconnect, 1);
+    assert_eq!(locks.expiries, 0);
     let next = other
         .try_lock(KEY, LockOptions::default())
         .await

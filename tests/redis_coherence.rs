@@ -21,7 +21,7 @@ async fn a_pipelined_get_reads_the_set_sent_before_it_on_its_connection_or_a_lat
     let group = DaemonGroup::start(&redis, 1, &[]);
     let observer = group.host(0).client().await;
     let deadline = tokio::time::Instant::now() + LIMIT;
-    while observer.stats().await.expect("STATS")["redis"]["available"].as_bool() != Some(true) {
+    while !observer.stats().await.expect("STATS").redis.available {
         assert!(
             tokio::time::Instant::now() < deadline,
             "Redis never available"

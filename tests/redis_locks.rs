@@ -21,13 +21,13 @@ async fn wait_available(client: &Client) {
     let deadline = tokio::time::Instant::now() + LIMIT;
     loop {
         let stats = client.stats().await.expect("STATS");
-        if stats["redis"]["available"].as_bool() == Some(true) {
+        if stats.redis.available {
             return;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the daemon did not reach Redis within {LIMIT:?}: {}",
-            stats["redis"]
+            "the daemon did not reach Redis within {LIMIT:?}: {:?}",
+            stats.redis
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

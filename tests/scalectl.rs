@@ -10,6 +10,8 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::TestDaemon;
+use scaled_client::answers::LockStats;
+use scaled_client::{LockInfo, Stats};
 
 /// How long a test waits for a process or a file before failing.
 const EVENT_LIMIT: Duration = Duration::from_secs(20);
@@ -103,46 +105,34 @@ fn code(output: &Output) -> i32 {
         .unwrap_or_else(|| panic!("scalectl killed by a signal: {output:?}"))
 }
 
-/// `stats --json`, parsed.
-fn stats_json(socket: &Path) -> serde_json::Value {
+/// `stats --json`, decoded as the client's typed STATS document.
+fn stats_json(socket: &Path) -> Stats {
     let out = run(socket, &["stats", "--json"]);
     assert_eq!(code(&out), 0, "stats --json: {}", stderr(&out));
-    serde_json::from_str(&stdout(&out)).expect("stats --json is JSON")
+    serde_json::from_str(&stdout(&out)).expect("stats --json is the STATS document")
 }
 
-fn lock_stat(socket: &Path, name: &str) -> u64 {
-    let stats = stats_json(socket);
-    stats["locks"][name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no locks.{name} in {stats}"))
-}
-
-/// Polls `stats --json` until `locks.<name>` equals `want`.
-fn wait_for_stat(socket: &Path, name: &str, want: u64) {
+/// Polls `stats --json` until the `locks` figure `pick` chooses equals `want`.
+fn wait_for_stat(socket: &Path, pick: fn(&LockStats) -> u64, want: u64) {
     let deadline = Instant::now() + EVENT_LIMIT;
     loop {
-        let got = lock_stat(socket, name);
-        if got == want {
+        let locks = stats_json(socket).locks;
+        if pick(&locks) == want {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "locks.{name} still {got}, not {want}, after {EVENT_LIMIT:?}"
+            "locks still {locks:?}, not {want} where awaited, after {EVENT_LIMIT:?}"
         );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
 
-/// `locks --json`, parsed: one object per held lock.
-fn locks_json(socket: &Path) -> Vec<serde_json::Value> {
+/// `locks --json`, decoded: one row per held lock.
+fn locks_json(socket: &Path) -> Vec<LockInfo> {
     let out = run(socket, &["locks", "--json"]);
     assert_eq!(code(&out), 0, "locks --json: {}", stderr(&out));
-    let listing: serde_json::Value =
-        serde_json::from_str(&stdout(&out)).expect("locks --json is JSON");
-    listing
-        .as_array()
-        .unwrap_or_else(|| panic!("locks --json is not an array: {listing}"))
-        .clone()
+    serde_json::from_str(&stdout(&out)).expect("locks --json is the LOCKS listing")
 }
 
 /// A `scalectl lock KEY -- sh -c HOLD_UNTIL_GO` running in the background, and its marker files.
@@ -199,15 +189,10 @@ fn lock_excludes_a_second_holder_until_the_first_finishes() {
     // The lock is listed while the first command runs.
     let listing = locks_json(socket);
     assert_eq!(listing.len(), 1, "{listing:?}");
-    assert_eq!(listing[0]["key"], "deploy");
-    assert_eq!(listing[0]["fence"].as_u64(), Some(fence));
-    assert_eq!(listing[0]["auto_renew"], true);
-    assert!(
-        listing[0]["owner"]
-            .as_str()
-            .is_some_and(|o| o.starts_with("scalectl#")),
-        "{listing:?}"
-    );
+    assert_eq!(listing[0].key, "deploy");
+    assert_eq!(listing[0].fence, fence);
+    assert!(listing[0].auto_renew);
+    assert!(listing[0].owner.starts_with("scalectl#"), "{listing:?}");
     let table = run(socket, &["locks"]);
     assert_eq!(code(&table), 0, "locks: {}", stderr(&table));
     let table = stdout(&table);
@@ -239,10 +224,10 @@ fn lock_excludes_a_second_holder_until_the_first_finishes() {
     assert_eq!(code(&second), 0, "{}", stderr(&second));
 
     let stats = stats_json(socket);
-    assert_eq!(stats["locks"]["grants"], 2, "{stats}");
-    assert_eq!(stats["locks"]["refused"], 1, "{stats}");
-    assert_eq!(stats["locks"]["timeouts"], 1, "{stats}");
-    assert_eq!(stats["locks"]["held"], 0, "{stats}");
+    assert_eq!(stats.locks.grants, 2, "{stats:?}");
+    assert_eq!(stats.locks.refused, 1, "{stats:?}");
+    assert_eq!(stats.locks.timeouts, 1, "{stats:?}");
+    assert_eq!(stats.locks.held, 0, "{stats:?}");
 }
 
 #[test]
@@ -265,7 +250,7 @@ fn lock_waits_in_line_for_the_holder() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawn the second scalectl lock");
-    wait_for_stat(socket, "waiters", 1);
+    wait_for_stat(socket, |l| l.waiters, 1);
     assert!(
         second.try_wait().expect("try_wait").is_none(),
         "the waiting scalectl exited while the lock was held"
@@ -337,8 +322,8 @@ fn a_killed_scalectl_frees_its_lock() {
     let next = run(socket, &["lock", "crash", "--wait", "15", "--", "true"]);
     assert_eq!(code(&next), 0, "{}", stderr(&next));
     let stats = stats_json(socket);
-    assert_eq!(stats["locks"]["released_on_disconnect"], 1, "{stats}");
-    assert_eq!(stats["locks"]["expiries"], 0, "{stats}");
+    assert_eq!(stats.locks.released_on_disconnect, 1, "{stats:?}");
+    assert_eq!(stats.locks.expiries, 0, "{stats:?}");
     // Dropping the holder creates the go marker, which ends the orphaned shell loop.
 }
 
@@ -381,7 +366,10 @@ fn set_get_del_round_trip() {
 fn stats_json_has_every_section() {
     let daemon = TestDaemon::start(&[]);
     let socket = daemon.socket.as_path();
-    let stats = stats_json(socket);
+    // The JSON itself, untyped: the typed decoding would fill a missing member with 0.
+    let out = run(socket, &["stats", "--json"]);
+    assert_eq!(code(&out), 0, "stats --json: {}", stderr(&out));
+    let stats: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
     let doc = stats.as_object().expect("stats --json is an object");
     for member in ["cache", "performance", "redis", "connections", "locks"] {
         assert!(

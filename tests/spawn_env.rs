@@ -26,8 +26,8 @@ async fn the_spawn_helper_clears_every_setting_of_the_callers_environment() {
     let daemon = TestDaemon::start(&[]);
     let client = daemon.client().await;
     let stats = client.stats().await.expect("STATS");
-    assert_eq!(stats["cache"]["max_size"].as_u64(), Some(10_000));
-    assert_eq!(stats["redis"]["configured"].as_bool(), Some(false));
+    assert_eq!(stats.cache.max_size, 10_000);
+    assert!(!stats.redis.configured);
     for (name, _) in settings {
         std::env::remove_var(name);
     }

@@ -27,6 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use scaled::cmd::Reply;
 use scaled::locks::{Fenced, Grant, LockInfo, LockStats, Status, FENCE_RETENTION};
+use scaled_client::answers::Welcome;
 use scaled_client::frame::{begin_frame, finish_frame, push_frame, take_frame, LEN_PREFIX};
 use scaled_client::proto::{
     decode_request, write_degraded_response_head, write_err, write_ok_key, write_response_head,
@@ -248,15 +249,6 @@ fn member_names<T: Serialize>(value: &T) -> Vec<String> {
         .collect()
 }
 
-/// A member of a MessagePack map.
-fn member<'a>(value: &'a rmpv::Value, name: &str) -> &'a rmpv::Value {
-    value
-        .as_map()
-        .and_then(|map| map.iter().find(|(k, _)| k.as_str() == Some(name)))
-        .map(|(_, v)| v)
-        .unwrap_or_else(|| panic!("no member `{name}` in {value}"))
-}
-
 fn is_request_id(s: &str) -> bool {
     s.len() == 36
         && s.char_indices().all(|(i, c)| match i {
@@ -379,16 +371,6 @@ fn expected_requests() -> Vec<(&'static str, Request)> {
     ]
 }
 
-/// HELLO's answer, declared and encoded the way the daemon does it.
-#[derive(Serialize)]
-struct Welcome {
-    version: u32,
-    server: &'static str,
-    max_frame: usize,
-    max_key: usize,
-    max_value: usize,
-}
-
 /// UNLOCK's answer, declared and encoded the way the daemon does it.
 #[derive(Serialize)]
 struct UnlockAnswer {
@@ -421,12 +403,13 @@ struct ExpectedResponse {
 }
 
 fn expected_responses() -> Vec<ExpectedResponse> {
+    // HELLO's answer, encoded from the client's type as the daemon encodes it.
     let hello = Reply::encode(&Welcome {
         version: PROTOCOL_VERSION,
-        server: "scaled 0.1.0",
-        max_frame: MAX_FRAME_LEN,
-        max_key: MAX_KEY_LEN,
-        max_value: MAX_VALUE_LEN,
+        server: "scaled 0.1.0".into(),
+        max_frame: MAX_FRAME_LEN as u64,
+        max_key: MAX_KEY_LEN as u64,
+        max_value: MAX_VALUE_LEN as u64,
     })
     .expect("HELLO's answer encodes");
     let hello_value = rmpv::Value::Map(vec![
@@ -1199,7 +1182,7 @@ fn assert_grant_like_the_vector(live: &[u8], request_id: u64) -> (String, u64) {
     let (response, rest) = split_response(live);
     assert_eq!(response.id, request_id, "the grant carries another id");
     assert!(response.err.is_none(), "LOCK failed: {:?}", response.err);
-    let token = member(&response.ok, "token")
+    let token = response.ok["token"]
         .as_str()
         .expect("a str owner token")
         .to_string();
@@ -1209,9 +1192,7 @@ fn assert_grant_like_the_vector(live: &[u8], request_id: u64) -> (String, u64) {
         "owner token `{token}` is not a lower-case version 4 UUID"
     );
     assert_ne!(token, OWNER_TOKEN);
-    let fence = member(&response.ok, "fence")
-        .as_u64()
-        .expect("a uint fencing token");
+    let fence = response.ok["fence"].as_u64().expect("a uint fencing token");
     let (_, want) = split_response(&body("lock-response"));
     let as_in_the_vector = replace_once(
         &replace_once(&rest, token.as_bytes(), OWNER_TOKEN.as_bytes()),
@@ -1290,7 +1271,7 @@ fn assert_fenced_like_the_vector(
 async fn lock_stats(conn: &mut RawConn, buf: &mut BytesMut, id: u64) -> rmpv::Value {
     let answer = call(conn, buf, &framed(&Request::new(id, CommandName::Stats))).await;
     let response = Response::decode(&answer).expect("a response");
-    member(&response.ok, "locks").clone()
+    response.ok["locks"].clone()
 }
 
 /// Asks LOCKS until `done` holds for the listing, failing after STARTUP_LIMIT.
@@ -1354,8 +1335,8 @@ async fn the_lock_vectors_replayed_against_a_daemon_get_the_answers_of_the_respo
     let live = call(&mut a, &mut a_buf, &extend_keeping_the_lease(40, &token)).await;
     let response = Response::decode(&live).expect("a response");
     assert!(response.err.is_none(), "EXTEND failed: {:?}", response.err);
-    assert_eq!(member(&response.ok, "status").as_str(), Some("OK"));
-    assert_eq!(member(&response.ok, "ttl_ms").as_u64(), Some(30_000));
+    assert_eq!(response.ok["status"].as_str(), Some("OK"));
+    assert_eq!(response.ok["ttl_ms"].as_u64(), Some(30_000));
 
     // A extends its lease, with its real token.
     let live = call(
@@ -1377,7 +1358,7 @@ async fn the_lock_vectors_replayed_against_a_daemon_get_the_answers_of_the_respo
     // B queues for the lock; LOCKS shows A holding it with B waiting behind.
     b.send_bytes(&frame("lock-request")).await;
     let rows = locks_until(&mut a, &mut a_buf, "one waiter", |rows| {
-        rows.len() == 1 && member(&rows[0], "waiters").as_u64() == Some(1)
+        rows.len() == 1 && rows[0]["waiters"].as_u64() == Some(1)
     })
     .await;
     let row = &rows[0];
@@ -1388,15 +1369,13 @@ async fn the_lock_vectors_replayed_against_a_daemon_get_the_answers_of_the_respo
         .map(|(k, _)| k.as_str().expect("str keys"))
         .collect();
     assert_eq!(names, table_names(subsection("### LOCKS"), "Member"));
-    assert_eq!(member(row, "key").as_str(), Some(LOCK_KEY));
-    assert!(member(row, "owner")
+    assert_eq!(row["key"].as_str(), Some(LOCK_KEY));
+    assert!(row["owner"]
         .as_str()
         .is_some_and(|o| o.starts_with("example#")));
-    assert_eq!(member(row, "fence").as_u64(), Some(first));
-    assert_eq!(member(row, "auto_renew").as_bool(), Some(false));
-    assert!(member(row, "ttl_ms")
-        .as_u64()
-        .is_some_and(|ms| ms <= 60_000));
+    assert_eq!(row["fence"].as_u64(), Some(first));
+    assert_eq!(row["auto_renew"].as_bool(), Some(false));
+    assert!(row["ttl_ms"].as_u64().is_some_and(|ms| ms <= 60_000));
 
     // A unlocks; the lock goes straight to B, with the next fencing token.
     let live = call(
@@ -1410,12 +1389,10 @@ async fn the_lock_vectors_replayed_against_a_daemon_get_the_answers_of_the_respo
         .expect("a response");
     assert_eq!(handed.id, request_id_of("lock-request"));
     assert!(handed.err.is_none(), "B's LOCK failed: {:?}", handed.err);
-    assert_eq!(member(&handed.ok, "fence").as_u64(), Some(first + 1));
-    assert_eq!(member(&handed.ok, "ttl_ms").as_u64(), Some(30_000));
-    assert!(member(&handed.ok, "waited_us")
-        .as_u64()
-        .is_some_and(|us| us > 0));
-    assert_ne!(member(&handed.ok, "token").as_str(), Some(token.as_str()));
+    assert_eq!(handed.ok["fence"].as_u64(), Some(first + 1));
+    assert_eq!(handed.ok["ttl_ms"].as_u64(), Some(30_000));
+    assert!(handed.ok["waited_us"].as_u64().is_some_and(|us| us > 0));
+    assert_ne!(handed.ok["token"].as_str(), Some(token.as_str()));
 
     // A's token no longer holds the lock, and its fencing token is stale.
     let live = call(
@@ -1456,16 +1433,16 @@ async fn the_lock_vectors_replayed_against_a_daemon_get_the_answers_of_the_respo
         ("refused", 1),
         ("released_on_disconnect", 0),
     ] {
-        assert_eq!(member(&stats, name).as_u64(), Some(want), "locks.{name}");
+        assert_eq!(stats[name].as_u64(), Some(want), "locks.{name}");
     }
-    assert_eq!(member(&stats, "contention").as_f64(), Some(66.67));
-    assert!(member(&stats, "wait_p50").as_f64().is_some_and(|s| s > 0.0));
+    assert_eq!(stats["contention"].as_f64(), Some(66.67));
+    assert!(stats["wait_p50"].as_f64().is_some_and(|s| s > 0.0));
 
     // B's connection ends: its lock is released at once, without waiting for the lease.
     drop(b);
     locks_until(&mut a, &mut a_buf, "no lock", |rows| rows.is_empty()).await;
     let stats = lock_stats(&mut a, &mut a_buf, 21).await;
-    assert_eq!(member(&stats, "released_on_disconnect").as_u64(), Some(1));
+    assert_eq!(stats["released_on_disconnect"].as_u64(), Some(1));
 
     // The limits of `ttl_ms` and `wait_ms`.
     let lock = |id, ttl_ms, wait_ms| {
@@ -1500,7 +1477,7 @@ async fn the_lock_vectors_replayed_against_a_daemon_get_the_answers_of_the_respo
     .await;
     let response = Response::decode(&live).expect("a response");
     assert!(response.err.is_none(), "{:?}", response.err);
-    assert_eq!(member(&response.ok, "ttl_ms").as_u64(), Some(MAX_LOCK_MS));
+    assert_eq!(response.ok["ttl_ms"].as_u64(), Some(MAX_LOCK_MS));
 }
 
 #[tokio::test]
@@ -1522,11 +1499,7 @@ async fn a_lock_whose_default_wait_is_zero_is_in_try_mode() {
     let live = call(&mut b, &mut b_buf, &framed(&request)).await;
     assert_answers_like(&live, 9, "locked-response");
     let stats = lock_stats(&mut a, &mut a_buf, 20).await;
-    assert_eq!(member(&stats, "refused").as_u64(), Some(1), "locks.refused");
-    assert_eq!(
-        member(&stats, "timeouts").as_u64(),
-        Some(0),
-        "locks.timeouts"
-    );
-    assert_eq!(member(&stats, "waiters").as_u64(), Some(0), "locks.waiters");
+    assert_eq!(stats["refused"].as_u64(), Some(1), "locks.refused");
+    assert_eq!(stats["timeouts"].as_u64(), Some(0), "locks.timeouts");
+    assert_eq!(stats["waiters"].as_u64(), Some(0), "locks.waiters");
 }

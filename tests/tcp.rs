@@ -31,7 +31,7 @@ async fn tcp_serves_the_same_protocol_and_state() {
         Some(&b"over tcp"[..])
     );
     let stats = over_tcp.stats().await.expect("STATS over TCP");
-    assert_eq!(stats["connections"]["current"].as_u64(), Some(2));
+    assert_eq!(stats.connections.current, 2);
 }
 
 #[test]

@@ -12,9 +12,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::answers::{decode, Grant, Stats, Welcome};
 use crate::error::{Error, Result};
 use crate::frame::{push_frame, take_frame};
-use crate::lock::field;
 use crate::proto::{Args, CommandName, Fence, Request, Response, MAX_FRAME_LEN, PROTOCOL_VERSION};
 
 /// Where the daemon listens.
@@ -52,6 +52,8 @@ struct Conn {
     /// Callers waiting for an answer. The reader sets it to `None` when the connection ends, which both
     /// fails everyone waiting and tells new callers to reconnect.
     pending: Arc<Pending>,
+    /// What HELLO answered on this connection: the limits the daemon promises.
+    welcome: Welcome,
 }
 
 impl Conn {
@@ -65,6 +67,11 @@ struct Shared {
     endpoint: Endpoint,
     /// Sent in HELLO so the daemon's logs can say who is talking.
     name: String,
+    /// Longest a connect plus its HELLO may take; `None` waits as long as the OS does.
+    connect_timeout: Option<Duration>,
+    /// Longest a request may wait for its answer beyond the wait it asked for itself (a LOCK's
+    /// `wait`, a PING's delay); `None` waits for as long as the connection lives.
+    request_timeout: Option<Duration>,
     /// The current connection, if one is open. Read on every call, so a plain lock, held only to clone.
     conn: RwLock<Option<Arc<Conn>>>,
     /// Held while connecting, so that many callers finding the connection gone open only one new one.
@@ -83,12 +90,78 @@ pub struct Client {
     user_id: Option<String>,
 }
 
-impl Client {
-    /// Connects to the daemon and says HELLO. `name` identifies this client in the daemon's logs.
-    pub async fn connect(endpoint: Endpoint, name: &str) -> Result<Client> {
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("endpoint", &self.shared.endpoint)
+            .field("name", &self.shared.name)
+            .field("connected", &self.current().is_some())
+            .field("session_id", &self.session_id)
+            .field("user_id", &self.user_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Client`] with a name and timeouts. Start from [`Client::builder`].
+///
+/// ```no_run
+/// # async fn demo() -> scaled_client::Result<()> {
+/// use std::time::Duration;
+/// use scaled_client::{Client, Endpoint};
+///
+/// let client = Client::builder(Endpoint::Unix("/run/scaled/scaled.sock".into()))
+///     .name("checkout-api")
+///     .connect_timeout(Duration::from_secs(1))
+///     .request_timeout(Duration::from_millis(500))
+///     .connect()
+///     .await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct ClientBuilder {
+    /// Where the daemon listens.
+    endpoint: Endpoint,
+    /// The name sent in HELLO.
+    name: String,
+    /// See [`ClientBuilder::connect_timeout`].
+    connect_timeout: Option<Duration>,
+    /// See [`ClientBuilder::request_timeout`].
+    request_timeout: Option<Duration>,
+}
+
+impl ClientBuilder {
+    /// The name this client gives in HELLO, shown in the daemon's logs and as the owner of its locks.
+    /// Default: `scaled-client`.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Fails a connect (the socket and the HELLO exchange together) that takes longer than this with
+    /// [`Error::Timeout`]. Applies to every reconnect too. Default: none.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = Some(timeout);
+        self
+    }
+
+    /// Fails a request whose answer takes longer than this with [`Error::Timeout`]. The connection stays
+    /// usable, and a late answer is dropped, never handed to another caller; a late LOCK grant is given
+    /// back to the daemon. A LOCK's own `wait` and a PING's delay are added to the limit; a LOCK that
+    /// leaves its wait to the daemon's default is not limited, so set [`crate::LockOptions::wait`]
+    /// where it matters. Default: none.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = Some(timeout);
+        self
+    }
+
+    /// Connects and says HELLO.
+    pub async fn connect(self) -> Result<Client> {
         let shared = Arc::new(Shared {
-            endpoint,
-            name: name.to_string(),
+            endpoint: self.endpoint,
+            name: self.name,
+            connect_timeout: self.connect_timeout,
+            request_timeout: self.request_timeout,
             conn: RwLock::new(None),
             reconnect: tokio::sync::Mutex::new(()),
             next_id: AtomicU64::new(1),
@@ -100,6 +173,24 @@ impl Client {
         };
         client.connection().await?;
         Ok(client)
+    }
+}
+
+impl Client {
+    /// A builder for a client of the daemon at `endpoint`, to set its name and timeouts.
+    pub fn builder(endpoint: Endpoint) -> ClientBuilder {
+        ClientBuilder {
+            endpoint,
+            name: "scaled-client".to_string(),
+            connect_timeout: None,
+            request_timeout: None,
+        }
+    }
+
+    /// Connects to the daemon and says HELLO. `name` identifies this client in the daemon's logs.
+    /// No timeouts; [`Client::builder`] sets them.
+    pub async fn connect(endpoint: Endpoint, name: &str) -> Result<Client> {
+        Client::builder(endpoint).name(name).connect().await
     }
 
     /// Connects over a Unix socket.
@@ -188,8 +279,17 @@ impl Client {
     }
 
     /// The daemon's STATS document.
-    pub async fn stats(&self) -> Result<rmpv::Value> {
-        self.call(CommandName::Stats, Args::default()).await
+    pub async fn stats(&self) -> Result<Stats> {
+        decode(
+            "STATS",
+            self.call(CommandName::Stats, Args::default()).await?,
+        )
+    }
+
+    /// What the daemon answered to HELLO on the current connection (connecting first if needed): its
+    /// version and the frame, key and value limits it enforces.
+    pub async fn welcome(&self) -> Result<Welcome> {
+        Ok(self.connection().await?.welcome.clone())
     }
 
     /// Sends any command and returns its `ok` value, or its error.
@@ -201,8 +301,31 @@ impl Client {
         }
     }
 
-    /// Sends one request and waits for its response envelope.
+    /// Sends one request and waits for its response envelope, within the request timeout if one is
+    /// set (see [`ClientBuilder::request_timeout`]).
     pub async fn exchange(&self, cmd: CommandName, args: Args) -> Result<Response> {
+        let Some(limit) = self.shared.request_timeout else {
+            return self.exchange_unbounded(cmd, args).await;
+        };
+        // A request that asks to wait is given that long on top of the limit.
+        let asked = match cmd {
+            CommandName::Lock if args.try_only != Some(true) => match args.wait_ms {
+                Some(ms) => Duration::from_millis(ms),
+                None => return self.exchange_unbounded(cmd, args).await,
+            },
+            CommandName::Ping => Duration::from_millis(args.delay_ms.unwrap_or(0)),
+            _ => Duration::ZERO,
+        };
+        let limit = limit.saturating_add(asked);
+        // Timing out drops the exchange, which withdraws the caller's registration: a late answer
+        // finds nobody under its id and is discarded (a late grant is unlocked by the reader).
+        tokio::time::timeout(limit, self.exchange_unbounded(cmd, args))
+            .await
+            .map_err(|_| Error::Timeout(format!("no answer to {cmd} within {limit:?}")))?
+    }
+
+    /// Sends one request and waits for its response envelope for as long as the connection lives.
+    async fn exchange_unbounded(&self, cmd: CommandName, args: Args) -> Result<Response> {
         let conn = self.connection().await?;
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let request = Request {
@@ -243,7 +366,17 @@ impl Client {
         if let Some(conn) = self.current() {
             return Ok(conn);
         }
-        let conn = Arc::new(open(&self.shared.endpoint, &self.shared.name).await?);
+        let opening = open(&self.shared.endpoint, &self.shared.name);
+        let conn = match self.shared.connect_timeout {
+            Some(limit) => tokio::time::timeout(limit, opening).await.map_err(|_| {
+                Error::Timeout(format!(
+                    "could not connect to {:?} and say HELLO within {limit:?}",
+                    self.shared.endpoint
+                ))
+            })??,
+            None => opening.await?,
+        };
+        let conn = Arc::new(conn);
         if let Ok(mut slot) = self.shared.conn.write() {
             *slot = Some(conn.clone());
         }
@@ -319,6 +452,7 @@ async fn open(endpoint: &Endpoint, name: &str) -> Result<Conn> {
     if let Some(err) = answer.err {
         return Err(err.into());
     }
+    let welcome: Welcome = decode("HELLO", answer.ok)?;
 
     let pending: Arc<Pending> = Arc::new(Mutex::new(Some(HashMap::new())));
     let (outbox, inbox) = mpsc::channel(OUTBOX_DEPTH);
@@ -332,7 +466,11 @@ async fn open(endpoint: &Endpoint, name: &str) -> Result<Conn> {
         writer_task,
         give_back,
     ));
-    Ok(Conn { outbox, pending })
+    Ok(Conn {
+        outbox,
+        pending,
+        welcome,
+    })
 }
 
 /// Reads one response, or `None` at a clean end of stream.
@@ -372,7 +510,7 @@ async fn read_loop(
         // A caller that gave up has dropped its receiver; its answer has nowhere to go, except a
         // lock grant, which goes back to the daemon so the next waiter gets the lock.
         if let Err(response) = tx.send(response) {
-            if let (Some(key), Some(token)) = (lock_key, grant_token(&response)) {
+            if let (Some(key), Some(token)) = (lock_key, grant_token(response)) {
                 if let Some(outbox) = give_back.upgrade() {
                     let unlock = Request {
                         args: Args {
@@ -397,8 +535,8 @@ async fn read_loop(
 }
 
 /// The owner token in a LOCK grant, if the response is one.
-fn grant_token(response: &Response) -> Option<String> {
-    field(&response.ok, "token")?.as_str().map(str::to_string)
+fn grant_token(response: Response) -> Option<String> {
+    decode::<Grant>("LOCK", response.ok).ok().map(|g| g.token)
 }
 
 /// Writes queued frames, batching whatever is already queued into one write.

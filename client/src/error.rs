@@ -57,7 +57,7 @@ pub enum Error {
     /// `TIMEOUT`: the daemon closed the connection because it was too slow (no HELLO, an unfinished
     /// frame, or idle for too long). The client reconnects on its next call.
     #[error("TIMEOUT: {0}")]
-    Timeout(String),
+    ConnectionTimedOut(String),
     /// The connection could not be made, or broke.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
@@ -67,6 +67,10 @@ pub enum Error {
     /// The daemon answered something this client cannot read.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A connect or a request took longer than the timeout set on the [`crate::ClientBuilder`]. A
+    /// request that timed out may still have been applied by the daemon.
+    #[error("timed out: {0}")]
+    Timeout(String),
 }
 
 impl Error {
@@ -89,8 +93,10 @@ impl Error {
             Error::Corrupted(_) => ErrorCode::Corrupted,
             Error::Unavailable(_) => ErrorCode::Unavailable,
             Error::Internal(_) => ErrorCode::Internal,
-            Error::Timeout(_) => ErrorCode::Timeout,
-            Error::Io(_) | Error::ConnectionLost | Error::Protocol(_) => return None,
+            Error::ConnectionTimedOut(_) => ErrorCode::Timeout,
+            Error::Io(_) | Error::ConnectionLost | Error::Protocol(_) | Error::Timeout(_) => {
+                return None
+            }
         })
     }
 
@@ -113,7 +119,7 @@ impl Error {
             ErrorCode::Corrupted => Error::Corrupted(message),
             ErrorCode::Unavailable => Error::Unavailable(message),
             ErrorCode::Internal => Error::Internal(message),
-            ErrorCode::Timeout => Error::Timeout(message),
+            ErrorCode::Timeout => Error::ConnectionTimedOut(message),
         }
     }
 }

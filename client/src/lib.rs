@@ -7,6 +7,8 @@
 //! - [`Client`]: one connection carrying any number of concurrent callers, reconnecting on failure.
 //! - [`LockGuard`]: a session lock, released on drop, carrying its fencing token.
 //! - [`Error`]: one variant per protocol error code, plus local failures.
+//! - [`answers`]: the maps the daemon answers with (STATS, LOCKS, grants, HELLO) as typed structs.
+//! - [`ClientBuilder`]: a client's name and its connect and request timeouts.
 //!
 //! ```no_run
 //! # async fn demo() -> scaled_client::Result<()> {
@@ -16,8 +18,9 @@
 //! # Ok(())
 //! # }
 //! ```
-#![deny(missing_docs)]
+#![deny(missing_docs, missing_debug_implementations)]
 
+pub mod answers;
 mod client;
 mod decode;
 mod error;
@@ -25,7 +28,8 @@ pub mod frame;
 mod lock;
 pub mod proto;
 
-pub use client::{Client, Endpoint};
+pub use answers::{Grant, LockInfo, Stats, Welcome};
+pub use client::{Client, ClientBuilder, Endpoint};
 pub use error::{Error, Result};
 pub use lock::{LockGuard, LockOptions, LockStatus};
 pub use proto::{ErrorCode, MAX_FRAME_LEN, MAX_KEY_LEN, MAX_VALUE_LEN, PROTOCOL_VERSION};

@@ -2,8 +2,11 @@
 
 use std::time::Duration;
 
+use serde::Deserialize;
+
+use crate::answers::{decode, Grant, LockInfo, StatusAnswer};
 use crate::client::Client;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::proto::{Args, CommandName, Fence};
 
 /// How to take a lock. The defaults are the daemon's: LOCK_TIMEOUT for the lease, and
@@ -12,14 +15,16 @@ use crate::proto::{Args, CommandName, Fence};
 pub struct LockOptions {
     /// The lease; the lock is released when it runs out, unless renewed.
     pub ttl: Option<Duration>,
-    /// How long to wait in the queue before failing with [`Error::LockTimeout`].
+    /// How long to wait in the queue before failing with [`crate::Error::LockTimeout`].
     pub wait: Option<Duration>,
     /// Keep the lease alive for as long as this client's connection is open.
     pub auto_renew: bool,
 }
 
 /// What UNLOCK and EXTEND report.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+// Decoded through its wire name: rmpv's decoder reads enums in its own encoding, not as a plain str.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
 pub enum LockStatus {
     /// Done.
     Ok,
@@ -31,30 +36,18 @@ pub enum LockStatus {
     Expired,
 }
 
-impl LockStatus {
-    fn parse(value: &rmpv::Value) -> Result<LockStatus> {
-        let status = field(value, "status").and_then(rmpv::Value::as_str);
-        Ok(match status {
-            Some("OK") => LockStatus::Ok,
-            Some("NOT_LOCKED") => LockStatus::NotLocked,
-            Some("NOT_OWNER") => LockStatus::NotOwner,
-            Some("EXPIRED") => LockStatus::Expired,
-            _ => {
-                return Err(Error::Protocol(format!(
-                    "unexpected lock status in {value}"
-                )))
-            }
+impl TryFrom<String> for LockStatus {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<LockStatus, String> {
+        Ok(match name.as_str() {
+            "OK" => LockStatus::Ok,
+            "NOT_LOCKED" => LockStatus::NotLocked,
+            "NOT_OWNER" => LockStatus::NotOwner,
+            "EXPIRED" => LockStatus::Expired,
+            _ => return Err(format!("unknown lock status `{name}`")),
         })
     }
-}
-
-/// The member `name` of a map-shaped value.
-pub(crate) fn field<'a>(value: &'a rmpv::Value, name: &str) -> Option<&'a rmpv::Value> {
-    value
-        .as_map()?
-        .iter()
-        .find(|(k, _)| k.as_str() == Some(name))
-        .map(|(_, v)| v)
 }
 
 /// A held lock. Dropping it releases the lock in the background (inside a tokio runtime); call
@@ -142,12 +135,12 @@ impl Drop for LockGuard {
 }
 
 impl Client {
-    /// Takes `key`, waiting in FIFO order up to the wait timeout ([`Error::LockTimeout`]).
+    /// Takes `key`, waiting in FIFO order up to the wait timeout ([`crate::Error::LockTimeout`]).
     pub async fn lock(&self, key: &str, options: LockOptions) -> Result<LockGuard> {
         self.acquire(key, options, false).await
     }
 
-    /// Takes `key` only if it is free now; otherwise fails with [`Error::Locked`].
+    /// Takes `key` only if it is free now; otherwise fails with [`crate::Error::Locked`].
     pub async fn try_lock(&self, key: &str, options: LockOptions) -> Result<LockGuard> {
         self.acquire(key, options, true).await
     }
@@ -171,7 +164,8 @@ impl Client {
             token: Some(token.into()),
             ..Args::default()
         };
-        LockStatus::parse(&self.call(CommandName::Unlock, args).await?)
+        let answer: StatusAnswer = decode("UNLOCK", self.call(CommandName::Unlock, args).await?)?;
+        Ok(answer.status)
     }
 
     /// Renews the lease of `key` held with owner `token` to `ttl` from now.
@@ -182,10 +176,11 @@ impl Client {
             ttl_ms: Some(ttl.as_millis() as u64),
             ..Args::default()
         };
-        LockStatus::parse(&self.call(CommandName::Extend, args).await?)
+        let answer: StatusAnswer = decode("EXTEND", self.call(CommandName::Extend, args).await?)?;
+        Ok(answer.status)
     }
 
-    /// SET, refused with [`Error::Fenced`] unless `fence` is still the newest grant on its lock.
+    /// SET, refused with [`crate::Error::Fenced`] unless `fence` is still the newest grant on its lock.
     pub async fn set_fenced(
         &self,
         key: &str,
@@ -196,14 +191,17 @@ impl Client {
         self.set_with(key, value, ttl, Some(fence)).await
     }
 
-    /// DEL, refused with [`Error::Fenced`] unless `fence` is still the newest grant on its lock.
+    /// DEL, refused with [`crate::Error::Fenced`] unless `fence` is still the newest grant on its lock.
     pub async fn del_fenced(&self, key: &str, fence: &Fence) -> Result<bool> {
         self.del_with(key, Some(fence)).await
     }
 
-    /// The LOCKS listing: one map per held lock.
-    pub async fn locks(&self) -> Result<rmpv::Value> {
-        self.call(CommandName::Locks, Args::default()).await
+    /// The LOCKS listing: one row per held lock, by key.
+    pub async fn locks(&self) -> Result<Vec<LockInfo>> {
+        decode(
+            "LOCKS",
+            self.call(CommandName::Locks, Args::default()).await?,
+        )
     }
 
     async fn acquire(&self, key: &str, options: LockOptions, try_only: bool) -> Result<LockGuard> {
@@ -215,20 +213,14 @@ impl Client {
             auto_renew: options.auto_renew.then_some(true),
             ..Args::default()
         };
-        let grant = self.call(CommandName::Lock, args).await?;
-        let token = field(&grant, "token").and_then(rmpv::Value::as_str);
-        let fence = field(&grant, "fence").and_then(rmpv::Value::as_u64);
-        let ttl_ms = field(&grant, "ttl_ms").and_then(rmpv::Value::as_u64);
-        match (token, fence, ttl_ms) {
-            (Some(token), Some(fence), Some(ttl_ms)) => Ok(LockGuard {
-                client: self.clone(),
-                key: key.to_string(),
-                token: token.to_string(),
-                fence,
-                ttl: Duration::from_millis(ttl_ms),
-                released: false,
-            }),
-            _ => Err(Error::Protocol(format!("LOCK answered {grant}"))),
-        }
+        let grant: Grant = decode("LOCK", self.call(CommandName::Lock, args).await?)?;
+        Ok(LockGuard {
+            client: self.clone(),
+            key: key.to_string(),
+            token: grant.token,
+            fence: grant.fence,
+            ttl: Duration::from_millis(grant.ttl_ms),
+            released: false,
+        })
     }
 }

@@ -9,10 +9,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use rmpv::Value;
 
 use scaled::config::DEFAULT_SOCKET;
-use scaled_client::{Client, Endpoint, Error, LockOptions};
+use scaled_client::{Client, Endpoint, Error, LockOptions, Stats};
 
 /// Exit status for an error of any kind.
 const EXIT_ERROR: u8 = 2;
@@ -279,22 +278,15 @@ async fn locks(client: &Client, json: bool) -> CmdResult {
         "{:<32} {:<24} {:>10} {:>10} {:>10} {:>8}",
         "KEY", "OWNER", "FENCE", "AGE", "TTL LEFT", "WAITERS"
     );
-    for row in listing.as_array().map(Vec::as_slice).unwrap_or_default() {
-        let text = |k: &str| {
-            at(row, &[k])
-                .and_then(Value::as_str)
-                .unwrap_or("?")
-                .to_string()
-        };
-        let secs = |k: &str| format!("{:.1}s", num(row, &[k]) / 1000.0);
+    for row in &listing {
         println!(
             "{:<32} {:<24} {:>10} {:>10} {:>10} {:>8}",
-            text("key"),
-            text("owner"),
-            num(row, &["fence"]),
-            secs("age_ms"),
-            secs("ttl_ms"),
-            num(row, &["waiters"]),
+            row.key,
+            row.owner,
+            row.fence,
+            format!("{:.1}s", row.age_ms as f64 / 1000.0),
+            format!("{:.1}s", row.ttl_ms as f64 / 1000.0),
+            row.waiters,
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -328,105 +320,75 @@ async fn stats(client: &Client, json: bool, watch: bool, interval: f64) -> CmdRe
     }
 }
 
-/// The member at `path` in a map-shaped value.
-fn at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
-    path.iter().try_fold(v, |v, key| {
-        v.as_map()?
-            .iter()
-            .find(|(k, _)| k.as_str() == Some(key))
-            .map(|(_, v)| v)
-    })
-}
-
-fn num(v: &Value, path: &[&str]) -> f64 {
-    at(v, path)
-        .and_then(|v| v.as_f64().or_else(|| v.as_u64().map(|n| n as f64)))
-        .unwrap_or(0.0)
-}
-
-fn ms(v: &Value, path: &[&str]) -> String {
-    format!("{:.3} ms", num(v, path) * 1000.0)
+fn ms(seconds: f64) -> String {
+    format!("{:.3} ms", seconds * 1000.0)
 }
 
 /// The STATS document as a table for people.
-fn render_stats(doc: &Value) -> String {
+fn render_stats(doc: &Stats) -> String {
     let mut s = String::new();
-    let version = at(doc, &["version"]).and_then(Value::as_str).unwrap_or("?");
-    s += &format!(
-        "scaled {version}, up {:.0} s\n\n",
-        num(doc, &["uptime_seconds"])
-    );
+    s += &format!("scaled {}, up {:.0} s\n\n", doc.version, doc.uptime_seconds);
+    let c = &doc.cache;
     s += &format!(
         "cache        {} / {} entries, {} bytes   hit rate {:.2}%   hits {}   misses {}   evictions {}   expirations {}\n",
-        num(doc, &["cache", "size"]),
-        num(doc, &["cache", "max_size"]),
-        num(doc, &["cache", "bytes"]),
-        num(doc, &["cache", "hit_rate"]),
-        num(doc, &["cache", "hits"]),
-        num(doc, &["cache", "misses"]),
-        num(doc, &["cache", "evictions"]),
-        num(doc, &["cache", "expirations"]),
+        c.size, c.max_size, c.bytes, c.hit_rate, c.hits, c.misses, c.evictions, c.expirations,
     );
+    let n = &doc.connections;
     s += &format!(
         "connections  {} open   {} accepted   {} refused\n",
-        num(doc, &["connections", "current"]),
-        num(doc, &["connections", "total"]),
-        num(doc, &["connections", "refused"]),
+        n.current, n.total, n.refused,
     );
-    let redis = match (
-        at(doc, &["redis", "configured"]).and_then(Value::as_bool),
-        at(doc, &["redis", "available"]).and_then(Value::as_bool),
-    ) {
-        (Some(true), Some(true)) => "configured, available",
-        (Some(true), _) => "configured, UNAVAILABLE",
+    let redis = match (doc.redis.configured, doc.redis.available) {
+        (true, true) => "configured, available",
+        (true, false) => "configured, UNAVAILABLE",
         _ => "not configured (standalone)",
     };
     s += &format!("redis        {redis}\n");
-    if let Some(locks) = at(doc, &["locks"])
-        .and_then(Value::as_map)
-        .filter(|m| !m.is_empty())
-    {
-        let parts: Vec<String> = locks
-            .iter()
-            .filter(|(_, v)| v.is_number())
-            .filter_map(|(k, v)| Some(format!("{} {}", k.as_str()?, v)))
-            .collect();
-        s += &format!("locks        {}\n", parts.join("   "));
-    }
+    let l = &doc.locks;
+    s += &format!(
+        "locks        {} held   {} waiting   {} requests   {} grants   {} timeouts   {} refused   \
+         {} expiries   {} released on disconnect   {} renewals   contention {:.2}%\n",
+        l.held,
+        l.waiters,
+        l.requests,
+        l.grants,
+        l.timeouts,
+        l.refused,
+        l.expiries,
+        l.released_on_disconnect,
+        l.renewals,
+        l.contention,
+    );
+    s += &format!(
+        "lock wait    p50 {}   p95 {}   p99 {}\n",
+        ms(l.wait_p50),
+        ms(l.wait_p95),
+        ms(l.wait_p99),
+    );
+    let p = &doc.performance;
     s += &format!(
         "\nlast {:.0} s: {} requests, {:.1} req/s ({} since start)\n",
-        num(doc, &["performance", "window_seconds"]),
-        num(doc, &["performance", "total_requests"]),
-        num(doc, &["performance", "requests_per_second"]),
-        num(doc, &["performance", "lifetime_requests"]),
+        p.window_seconds,
+        p.overall.total_requests,
+        p.overall.requests_per_second,
+        p.lifetime_requests,
     );
     s += &format!(
         "{:<10} {:>10} {:>12} {:>12} {:>12} {:>12} {:>12}\n",
         "command", "requests", "req/s", "avg", "p50", "p95", "p99"
     );
-    let mut rows: Vec<(String, Vec<&str>)> = vec![("ALL".into(), vec!["performance"])];
-    if let Some(cmds) = at(doc, &["performance", "commands"]).and_then(Value::as_map) {
-        for (name, _) in cmds {
-            if let Some(name) = name.as_str() {
-                rows.push((name.to_string(), vec!["performance", "commands", name]));
-            }
-        }
-    }
-    for (name, base) in rows {
-        let path = |leaf: &'static str| -> Vec<&str> {
-            let mut p = base.clone();
-            p.push(leaf);
-            p
-        };
+    let rows = std::iter::once(("ALL", &p.overall))
+        .chain(p.commands.iter().map(|(name, perf)| (name.as_str(), perf)));
+    for (name, perf) in rows {
         s += &format!(
             "{:<10} {:>10} {:>12.1} {:>12} {:>12} {:>12} {:>12}\n",
             name,
-            num(doc, &path("total_requests")),
-            num(doc, &path("requests_per_second")),
-            ms(doc, &path("avg_response_time")),
-            ms(doc, &path("p50_response_time")),
-            ms(doc, &path("p95_response_time")),
-            ms(doc, &path("p99_response_time")),
+            perf.total_requests,
+            perf.requests_per_second,
+            ms(perf.avg_response_time),
+            ms(perf.p50_response_time),
+            ms(perf.p95_response_time),
+            ms(perf.p99_response_time),
         );
     }
     s

@@ -1,12 +1,13 @@
 //! The daemon's entry point: parse the configuration, bind, serve until SIGTERM or SIGINT, drain, exit 0.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing_subscriber::EnvFilter;
 
-use scaled::config::Config;
+use scaled::config::{Config, LogFormat};
 use scaled::server::Server;
 
 fn main() -> ExitCode {
@@ -25,10 +26,22 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
+    // Colour codes only for a person at a terminal: a file or the journal would store them as noise.
+    let ansi = std::io::stderr().is_terminal();
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .init();
+        .with_ansi(ansi);
+    match config.log_format {
+        LogFormat::Text => logs.init(),
+        // The event's fields at the top level, so `request_id` is a member of every request's line.
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
 
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     // The blocking pool decodes large frames off the serving threads; a few threads are plenty, and

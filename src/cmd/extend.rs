@@ -3,21 +3,13 @@
 
 use std::sync::Arc;
 
-use serde::Serialize;
 use tokio::time::Instant;
 
 use scaled_client::proto::Args;
 
 use super::{lock_millis, required_key, required_token, CommandError, CommandResult, Reply};
 use crate::daemon::Daemon;
-use crate::locks::Status;
 use crate::store::Step;
-
-#[derive(Serialize)]
-struct Answer {
-    status: Status,
-    ttl_ms: u64,
-}
 
 pub fn run(
     daemon: &Arc<Daemon>,
@@ -33,9 +25,6 @@ pub fn run(
         .extend(&key, &token, lease, now)
         .map(|extended| {
             let (status, lease) = extended.map_err(CommandError::from)?;
-            Reply::encode(&Answer {
-                status,
-                ttl_ms: lease.as_millis() as u64,
-            })
+            Ok(Reply::Status(status, Some(lease.as_millis() as u64)))
         }))
 }

@@ -1,22 +1,11 @@
 //! HELLO: the first request on every connection; agrees the protocol version.
 
-use serde::Serialize;
-
+use scaled_client::answers::Welcome;
 use scaled_client::proto::{
     Args, ErrorCode, MAX_FRAME_LEN, MAX_KEY_LEN, MAX_VALUE_LEN, PROTOCOL_VERSION,
 };
 
 use super::{CommandError, CommandResult, Peer, Reply};
-
-/// HELLO's answer: what the client may rely on.
-#[derive(Serialize)]
-struct Welcome {
-    version: u32,
-    server: &'static str,
-    max_frame: usize,
-    max_key: usize,
-    max_value: usize,
-}
 
 pub fn run(peer: &mut Peer, args: Args) -> CommandResult {
     let version = args
@@ -34,9 +23,9 @@ pub fn run(peer: &mut Peer, args: Args) -> CommandResult {
     peer.greeted = true;
     Reply::encode(&Welcome {
         version: PROTOCOL_VERSION,
-        server: concat!("scaled ", env!("CARGO_PKG_VERSION")),
-        max_frame: MAX_FRAME_LEN,
-        max_key: MAX_KEY_LEN,
-        max_value: MAX_VALUE_LEN,
+        server: concat!("scaled ", env!("CARGO_PKG_VERSION")).to_string(),
+        max_frame: MAX_FRAME_LEN as u64,
+        max_key: MAX_KEY_LEN as u64,
+        max_value: MAX_VALUE_LEN as u64,
     })
 }

@@ -46,7 +46,7 @@ pub fn run(daemon: &Arc<Daemon>, peer: &Peer, mut args: Args, now: Instant) -> O
     };
     match daemon.store.lock(ask, now).map(|granted| {
         let grant = granted.map_err(CommandError::from)?;
-        Reply::encode(&grant)
+        Ok(Reply::Grant(grant))
     }) {
         Step::Ready(result) => Outcome::Done(result),
         // Waits on other clients (or another host's holder), so it counts as a waiting request.

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use scaled_client::proto::{Args, CommandName, ErrorCode, Request, MAX_KEY_LEN};
 
 use crate::daemon::Daemon;
+use crate::locks::{Grant, Status};
 use crate::store::{Step, StoreError};
 
 /// A successful answer, written as the response's `ok` value.
@@ -40,6 +41,12 @@ pub enum Reply {
     Text(&'static str),
     /// MessagePack bin: a cached value.
     Value(Bytes),
+    /// A lock grant, `{token, fence, ttl_ms, waited_us}`: LOCK's answer, written straight into the
+    /// response rather than encoded apart first, since every session message takes one.
+    Grant(Grant),
+    /// `{status}` (UNLOCK), or with a lease in milliseconds `{status, ttl_ms}` (EXTEND): written
+    /// straight into the response, like [`Reply::Grant`].
+    Status(Status, Option<u64>),
     /// A MessagePack value already encoded: maps such as STATS and HELLO.
     Encoded(Vec<u8>),
 }
@@ -58,6 +65,9 @@ impl Reply {
             Reply::Nil | Reply::Bool(_) => 1,
             Reply::Text(s) => s.len() + 5,
             Reply::Value(v) => v.len() + 5,
+            // Four short names, a token and three integers; a status and at most one integer.
+            Reply::Grant(grant) => grant.token.len() + 80,
+            Reply::Status(..) => 40,
             Reply::Encoded(bytes) => bytes.len(),
         }
     }
@@ -77,8 +87,39 @@ impl Reply {
             Reply::Value(v) => {
                 let _ = rmp::encode::write_bin(out, v);
             }
+            Reply::Grant(grant) => {
+                // The members in the order of `Grant`'s fields, as serde would write them.
+                let _ = rmp::encode::write_map_len(out, 4);
+                let _ = rmp::encode::write_str(out, "token");
+                let _ = rmp::encode::write_str(out, &grant.token);
+                let _ = rmp::encode::write_str(out, "fence");
+                let _ = rmp::encode::write_uint(out, grant.fence);
+                let _ = rmp::encode::write_str(out, "ttl_ms");
+                let _ = rmp::encode::write_uint(out, grant.ttl_ms);
+                let _ = rmp::encode::write_str(out, "waited_us");
+                let _ = rmp::encode::write_uint(out, grant.waited_us);
+            }
+            Reply::Status(status, ttl_ms) => {
+                let _ = rmp::encode::write_map_len(out, 1 + u32::from(ttl_ms.is_some()));
+                let _ = rmp::encode::write_str(out, "status");
+                let _ = rmp::encode::write_str(out, status_name(*status));
+                if let Some(ttl_ms) = ttl_ms {
+                    let _ = rmp::encode::write_str(out, "ttl_ms");
+                    let _ = rmp::encode::write_uint(out, *ttl_ms);
+                }
+            }
             Reply::Encoded(bytes) => out.extend_from_slice(bytes),
         }
+    }
+}
+
+/// A lock status's wire name, as proto-spec.md lists them.
+fn status_name(status: Status) -> &'static str {
+    match status {
+        Status::Ok => "OK",
+        Status::NotLocked => "NOT_LOCKED",
+        Status::NotOwner => "NOT_OWNER",
+        Status::Expired => "EXPIRED",
     }
 }
 
@@ -258,4 +299,57 @@ fn check_key(key: &str) -> Result<(), CommandError> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn written(reply: &Reply) -> Vec<u8> {
+        let mut out = Vec::new();
+        reply.write(&mut out);
+        out
+    }
+
+    #[test]
+    fn replies_written_in_place_match_their_serde_encoding() {
+        let grant = Grant {
+            token: "5f0c8a1e-2b7d-4c39-a6e4-1d9b3f7c2e80".into(),
+            fence: 1_764_201_600_000_001,
+            ttl_ms: 30_000,
+            waited_us: 0,
+        };
+        assert_eq!(
+            written(&Reply::Grant(grant.clone())),
+            rmp_serde::to_vec_named(&grant).expect("encodes")
+        );
+        #[derive(serde::Serialize)]
+        struct Unlocked {
+            status: Status,
+        }
+        #[derive(serde::Serialize)]
+        struct Extended {
+            status: Status,
+            ttl_ms: u64,
+        }
+        for status in [
+            Status::Ok,
+            Status::NotLocked,
+            Status::NotOwner,
+            Status::Expired,
+        ] {
+            assert_eq!(
+                written(&Reply::Status(status, None)),
+                rmp_serde::to_vec_named(&Unlocked { status }).expect("encodes")
+            );
+            assert_eq!(
+                written(&Reply::Status(status, Some(60_000))),
+                rmp_serde::to_vec_named(&Extended {
+                    status,
+                    ttl_ms: 60_000
+                })
+                .expect("encodes")
+            );
+        }
+    }
 }

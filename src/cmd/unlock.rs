@@ -2,20 +2,13 @@
 
 use std::sync::Arc;
 
-use serde::Serialize;
 use tokio::time::Instant;
 
 use scaled_client::proto::Args;
 
 use super::{required_key, required_token, CommandError, CommandResult, Reply};
 use crate::daemon::Daemon;
-use crate::locks::Status;
 use crate::store::Step;
-
-#[derive(Serialize)]
-struct Answer {
-    status: Status,
-}
 
 pub fn run(
     daemon: &Arc<Daemon>,
@@ -24,9 +17,8 @@ pub fn run(
 ) -> Result<Step<CommandResult>, CommandError> {
     let key = required_key(&mut args)?;
     let token = required_token(&mut args)?;
-    Ok(daemon.store.unlock(&key, &token, now).map(|status| {
-        Reply::encode(&Answer {
-            status: status.map_err(CommandError::from)?,
-        })
-    }))
+    Ok(daemon
+        .store
+        .unlock(&key, &token, now)
+        .map(|status| Ok(Reply::Status(status.map_err(CommandError::from)?, None))))
 }

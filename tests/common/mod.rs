@@ -66,15 +66,26 @@ pub struct TestDaemon {
 impl TestDaemon {
     /// Starts `scaled --socket <tmp>/scaled.sock <extra>` and waits until it accepts connections.
     pub fn start(extra: &[&str]) -> TestDaemon {
+        TestDaemon::start_logging_to(extra, Stdio::inherit())
+    }
+
+    /// Like [`TestDaemon::start`], with the daemon's stderr (its log) going to `stderr`.
+    pub fn start_logging_to(extra: &[&str], stderr: impl Into<Stdio>) -> TestDaemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("scaled.sock");
-        TestDaemon::spawn(scaled_command(), socket, dir, extra)
+        TestDaemon::spawn(scaled_command(), socket, dir, extra, stderr.into())
     }
 
     /// Starts the daemon on `socket` (its directory need not exist yet).
     pub fn start_at(socket: &std::path::Path, extra: &[&str]) -> TestDaemon {
         let dir = tempfile::tempdir().expect("temp dir");
-        TestDaemon::spawn(scaled_command(), socket.to_path_buf(), dir, extra)
+        TestDaemon::spawn(
+            scaled_command(),
+            socket.to_path_buf(),
+            dir,
+            extra,
+            Stdio::inherit(),
+        )
     }
 
     /// Starts the daemon through `sh -c SCRIPT`, where the script ends with `exec "$0" "$@"` (for
@@ -88,7 +99,7 @@ impl TestDaemon {
             .arg("-c")
             .arg(script)
             .arg(env!("CARGO_BIN_EXE_scaled"));
-        TestDaemon::spawn(command, socket, dir, extra)
+        TestDaemon::spawn(command, socket, dir, extra, Stdio::inherit())
     }
 
     fn spawn(
@@ -96,12 +107,14 @@ impl TestDaemon {
         socket: PathBuf,
         dir: tempfile::TempDir,
         extra: &[&str],
+        stderr: Stdio,
     ) -> TestDaemon {
         let child = cmd
             .arg("--socket")
             .arg(&socket)
             .args(extra)
             .stdin(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("spawn scaled");
         let mut daemon = TestDaemon { child, socket, dir };
