@@ -476,3 +476,24 @@ async fn a_release_on_one_link_wakes_a_watcher_on_another() {
     granted(b.acquire("session:9", "waiter", LEASE).await.unwrap());
     assert!(wakeups.received() >= 1);
 }
+
+#[tokio::test]
+async fn both_subscriptions_outlive_their_heartbeats() {
+    let redis = RedisServer::start();
+    let (a, b) = (link(&redis).await, link(&redis).await);
+    let mut stream = Invalidations::start(&b, 16);
+    let wakeups = Wakeups::start(&b, 16);
+    assert_eq!(next(&mut stream).await, Event::Synced { seq: 0 });
+    // Past two heartbeat PINGs of each subscriber: neither may take its PONG for a lost stream.
+    tokio::time::sleep(scaled::redis::HEALTH_CHECK_INTERVAL * 5 / 2).await;
+    a.set("k", b"v", None, None).await.unwrap();
+    assert_eq!(
+        next(&mut stream).await,
+        Event::Invalidate {
+            seq: 1,
+            key: "k".into()
+        }
+    );
+    assert_eq!(stream.lost(), 0);
+    assert_eq!(wakeups.lost(), 0);
+}
