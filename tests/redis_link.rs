@@ -476,3 +476,77 @@ async fn a_release_on_one_link_wakes_a_watcher_on_another() {
     granted(b.acquire("session:9", "waiter", LEASE).await.unwrap());
     assert!(wakeups.received() >= 1);
 }
+
+#[tokio::test]
+async fn both_subscriptions_outlive_their_heartbeats() {
+    let redis = RedisServer::start();
+    let (a, b) = (link(&redis).await, link(&redis).await);
+    let mut stream = Invalidations::start(&b, 16);
+    let wakeups = Wakeups::start(&b, 16);
+    assert_eq!(next(&mut stream).await, Event::Synced { seq: 0 });
+    // Past two heartbeat PINGs of each subscriber: neither may take its PONG for a lost stream.
+    tokio::time::sleep(scaled::redis::HEALTH_CHECK_INTERVAL * 5 / 2).await;
+    a.set("k", b"v", None, None).await.unwrap();
+    assert_eq!(
+        next(&mut stream).await,
+        Event::Invalidate {
+            seq: 1,
+            key: "k".into()
+        }
+    );
+    assert_eq!(stream.lost(), 0);
+    assert_eq!(wakeups.lost(), 0);
+}
+
+#[tokio::test]
+async fn a_redis_that_stops_answering_is_unavailable_after_the_response_timeout() {
+    let redis = RedisServer::start();
+    let settings = RedisSettings {
+        response_timeout: Duration::from_millis(300),
+        ..RedisSettings::new(redis.url())
+    };
+    let a = Link::start(settings).expect("settings");
+    assert!(a.wait_up(LIMIT).await);
+    let mut stream = Invalidations::start(&a, 16);
+    assert_eq!(next(&mut stream).await, Event::Synced { seq: 0 });
+
+    // Hung, not dead: no connection is closed, so only the timeouts can tell.
+    redis.pause();
+    let call = tokio::time::timeout(LIMIT, a.set("k", b"v", None, None))
+        .await
+        .expect("the call outlived its response timeout");
+    assert!(matches!(call, Err(LinkError::Unavailable(_))), "{call:?}");
+    assert_eq!(a.health(), Health::Down);
+    // The stream's heartbeat goes unanswered too: the cache must be flushed.
+    assert_eq!(next(&mut stream).await, Event::Flush);
+
+    redis.resume();
+    assert!(
+        a.wait_up(LIMIT).await,
+        "no recovery after Redis answered again"
+    );
+    // The stream is whole again from a known sequence. The call that timed out has an unknown
+    // outcome: Redis may still run it once it reads it, and then it is invalidated like any write.
+    let Event::Synced { seq } = next(&mut stream).await else {
+        panic!("no Synced after recovery");
+    };
+    let Write::Done { seq: written, .. } = a.set("k2", b"v", None, None).await.unwrap() else {
+        panic!("refused");
+    };
+    assert!(written > seq);
+    loop {
+        match next(&mut stream).await {
+            Event::Invalidate { key, .. } if key == "k" => continue,
+            event => {
+                assert_eq!(
+                    event,
+                    Event::Invalidate {
+                        seq: written,
+                        key: "k2".into()
+                    }
+                );
+                break;
+            }
+        }
+    }
+}

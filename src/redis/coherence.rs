@@ -260,7 +260,7 @@ async fn follow(
                 }
             }
             _ = heartbeat.tick() => {
-                let ping = tokio::time::timeout(settings.response_timeout, sink.ping::<String>()).await;
+                let ping = tokio::time::timeout(settings.response_timeout, sink.ping::<redis::Value>()).await;
                 if !matches!(ping, Ok(Ok(_))) {
                     return Ok(Stop::Lost("heartbeat PING unanswered".into()));
                 }

@@ -485,6 +485,8 @@ fn connection_config(shared: &Arc<Shared>, number: u64) -> AsyncConnectionConfig
 async fn connector(link: Link) {
     let shared = &link.shared;
     let mut attempt = 0u32;
+    // The link starts down without a change of health to log; the first failure is logged here.
+    let mut ever_up = false;
     loop {
         if shared.closed.is_cancelled() {
             return;
@@ -493,6 +495,7 @@ async fn connector(link: Link) {
         match open(&link, number).await {
             Ok(conn) => {
                 attempt = 0;
+                ever_up = true;
                 shared.counters.connects.store(number, Ordering::Relaxed);
                 *shared.current.lock() = Some((number, conn));
                 set_health(&shared.health, Health::Up, "");
@@ -516,6 +519,9 @@ async fn connector(link: Link) {
                 }
             }
             Err(e) => {
+                if !ever_up && attempt == 0 {
+                    tracing::warn!(reason = %e, "Redis is unavailable");
+                }
                 set_health(&shared.health, Health::Down, &e.to_string());
                 let delay = backoff(attempt);
                 attempt = attempt.saturating_add(1);

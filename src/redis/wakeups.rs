@@ -217,7 +217,7 @@ async fn follow(link: &Link, registry: &Registry, attempt: &mut u32) -> String {
                 }
             }
             _ = heartbeat.tick() => {
-                let ping = tokio::time::timeout(settings.response_timeout, sink.ping::<String>()).await;
+                let ping = tokio::time::timeout(settings.response_timeout, sink.ping::<redis::Value>()).await;
                 if !matches!(ping, Ok(Ok(_))) {
                     return "heartbeat PING unanswered".into();
                 }

@@ -101,6 +101,27 @@ impl RedisServer {
         }
     }
 
+    /// Stops the server with SIGSTOP: its sockets stay open but nothing is answered, as with a hung
+    /// Redis or a network that drops packets. [`RedisServer::resume`] undoes it.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.pid().expect("redis-server is running");
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {pid} failed");
+    }
+
     /// Starts the server again on the same port and directory (after [`RedisServer::kill`]), and waits
     /// until it answers PING, which with AOF is after it has loaded its data.
     pub fn restart(&mut self) {
