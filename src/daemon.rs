@@ -74,7 +74,7 @@ impl Daemon {
 }
 
 /// Microseconds since the Unix epoch; where fencing tokens start, so they keep growing across restarts.
-fn wall_clock_micros() -> u64 {
+pub(crate) fn wall_clock_micros() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)

@@ -6,11 +6,10 @@ use tokio::time::Instant;
 
 use scaled_client::proto::Args;
 
-use super::{lock_millis, required_key, CommandError, Outcome, Peer, Reply};
+use super::{lock_millis, marked, required_key, CommandError, Outcome, Peer, Reply};
 use crate::daemon::Daemon;
 use crate::locks::LockRequest;
 use crate::store::lock::LockAsk;
-use crate::store::Step;
 
 pub fn run(daemon: &Arc<Daemon>, peer: &Peer, mut args: Args, now: Instant) -> Outcome {
     let parsed = (|| {
@@ -28,7 +27,7 @@ pub fn run(daemon: &Arc<Daemon>, peer: &Peer, mut args: Args, now: Instant) -> O
     })();
     let (key, lease, wait) = match parsed {
         Ok(p) => p,
-        Err(e) => return Outcome::Done(Err(e)),
+        Err(e) => return Outcome::failed(e),
     };
     let request = LockRequest {
         conn: peer.conn_id,
@@ -44,12 +43,10 @@ pub fn run(daemon: &Arc<Daemon>, peer: &Peer, mut args: Args, now: Instant) -> O
         wait,
         shutdown: daemon.shutdown.clone(),
     };
-    match daemon.store.lock(ask, now).map(|granted| {
-        let grant = granted.map_err(CommandError::from)?;
-        Ok(Reply::Grant(grant))
-    }) {
-        Step::Ready(result) => Outcome::Done(result),
-        // Waits on other clients (or another host's holder), so it counts as a waiting request.
-        Step::Later(pending) => Outcome::Later(pending),
-    }
+    let daemon = daemon.clone();
+    daemon
+        .store
+        .lock(ask, now)
+        .map(move |granted| marked(&daemon, granted, Reply::Grant))
+        .into()
 }

@@ -7,6 +7,11 @@
 //! ends. The grant the client gets carries Redis's fencing token, recorded in the local table too.
 //! Only the head of each host's queue asks Redis, so many local waiters cost one acquire at a time.
 //!
+//! While Redis is unreachable (the acquire fails with proof of it: refused, broken, timed out; a
+//! lock held on another host is not that), LOCK follows LOCK_FALLBACK: `local` keeps the local
+//! grant, with a fence above every token this daemon has seen, marked degraded and recorded for
+//! adoption once Redis is back (see [`crate::store::degraded`]); `fail` answers `UNAVAILABLE`.
+//!
 //! A candidate that stops (its wait ended, its connection closed, its future dropped) gives the local
 //! grant back, so the next local waiter gets its turn; if it had sent an acquire, whose answer it may
 //! never read, the release in Redis goes to the releaser as well.
@@ -17,8 +22,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::LockFallback;
+use crate::daemon::wall_clock_micros;
 use crate::locks::{Acquire, Grant, LockRequest, LockTable};
 use crate::redis::scripts::{Acquire as RedisAcquire, Compare};
+use crate::store::degraded::{LocalGrant, Marked};
 use crate::store::remote::Remote;
 use crate::store::{Step, StoreError};
 
@@ -73,7 +81,7 @@ pub fn remote(
     remote: &Arc<Remote>,
     ask: LockAsk,
     now: Instant,
-) -> Step<Result<Grant, StoreError>> {
+) -> Step<Result<Marked<Grant>, StoreError>> {
     let LockAsk {
         key,
         request,
@@ -115,32 +123,41 @@ pub fn remote(
         let outcome = candidate
             .confirm(try_only, deadline, wait, &shutdown, &alive)
             .await;
-        if outcome.is_ok() {
-            candidate.confirmed = true;
-            if auto_renew {
-                let (key, token) = (candidate.key.clone(), candidate.grant.token.clone());
-                tokio::spawn(renew(
-                    candidate.locks.clone(),
-                    candidate.remote.clone(),
-                    key,
-                    token,
-                    lease,
-                ));
+        let degraded = match outcome {
+            Ok(()) => {
+                if auto_renew {
+                    let (key, token) = (candidate.key.clone(), candidate.grant.token.clone());
+                    tokio::spawn(renew(
+                        candidate.locks.clone(),
+                        candidate.remote.clone(),
+                        key,
+                        token,
+                        lease,
+                    ));
+                }
+                false
             }
-        }
-        outcome.map(|_| {
-            let mut grant = candidate.grant.clone();
-            grant.waited_us = now.elapsed().as_micros() as u64;
-            grant
+            Err(StoreError::Unavailable(_)) if candidate.remote.fallback == LockFallback::Local => {
+                candidate.grant_locally(auto_renew, wait)?;
+                true
+            }
+            Err(e) => return Err(e),
+        };
+        candidate.confirmed = true;
+        let mut grant = candidate.grant.clone();
+        grant.waited_us = now.elapsed().as_micros() as u64;
+        Ok(Marked {
+            value: grant,
+            degraded,
         })
     }))
 }
 
 /// Keeps an auto-renew lock in Redis for as long as the local table says its holder holds it,
 /// renewing every third of the lease. A renewal Redis refuses (the lease ended there, or another host
-/// holds the lock) means the lock is lost: it is counted, logged and released here too. A renewal
-/// that finds Redis unreachable is tried again at the next third.
-async fn renew(
+/// holds the lock) means the lock is lost: it is counted, logged and released here too, and its token
+/// answers `LOCK_LOST`. A renewal that finds Redis unreachable is tried again at the next third.
+pub(crate) async fn renew(
     locks: Arc<LockTable>,
     remote: Arc<Remote>,
     key: String,
@@ -164,8 +181,8 @@ async fn renew(
                     .counters
                     .renewals_failed
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::warn!(lock = key, answer = ?lost, "an auto-renewal failed in Redis; the lock is lost");
-                locks.release(&key, &token, Instant::now());
+                let why = format!("an auto-renewal failed in Redis ({lost:?})");
+                remote.degraded.lose(&locks, &key, &token, &why);
                 return;
             }
         }
@@ -188,6 +205,40 @@ struct Candidate {
 }
 
 impl Candidate {
+    /// LOCK_FALLBACK=local with Redis unreachable: keeps the local grant, with a fence above every
+    /// token this daemon has seen or issued and at least its clock in microseconds, noted so Redis's
+    /// own tokens are raised above it when it is back; recorded for adoption then.
+    fn grant_locally(
+        &mut self,
+        auto_renew: bool,
+        wait: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        let link = &self.remote.link;
+        let fence = link
+            .fence_floor()
+            .saturating_add(1)
+            .max(wall_clock_micros());
+        if !self.locks.set_fence(&self.key, &self.grant.token, fence) {
+            // The local lease ended while Redis was asked.
+            return Err(StoreError::LockTimeout {
+                key: self.key.clone(),
+                wait: wait.unwrap_or_default(),
+            });
+        }
+        link.note_fence(fence);
+        self.grant.fence = fence;
+        self.remote.degraded.granted_locally(
+            &self.key,
+            &self.grant.token,
+            LocalGrant {
+                lease: self.lease,
+                fence,
+                auto_renew,
+            },
+        );
+        Ok(())
+    }
+
     /// Asks Redis until granted, refused (try mode), out of time, or stopped.
     async fn confirm(
         &mut self,

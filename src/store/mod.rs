@@ -11,11 +11,13 @@
 //! in a Redis script) depends on the tier.
 //!
 //! - [`chain`]: per-key order of the requests that wait on Redis.
+//! - [`degraded`]: degraded mode (Redis configured but unreachable), lost locks, and adoption.
 //! - [`lock`]: LOCK, standalone and in two phases with Redis.
 //! - [`remote`]: the Redis tier (write-through, reads, the link's helpers).
 //! - [`release`]: the background releaser for releases seen where nobody can await Redis.
 
 pub mod chain;
+pub mod degraded;
 pub mod lock;
 pub mod release;
 pub mod remote;
@@ -33,7 +35,9 @@ use scaled_client::proto::Fence;
 use crate::cache::{CacheError, SessionCache};
 use crate::locks::{Fenced, Grant, LockTable, Status};
 use crate::redis::scripts::Compare;
+use crate::redis::LinkError;
 use crate::store::chain::Chains;
+use crate::store::degraded::Marked;
 use crate::store::lock::LockAsk;
 use crate::store::remote::Remote;
 
@@ -84,6 +88,9 @@ pub enum StoreError {
     /// A value in Redis failed its checksum; it is not served.
     #[error("{0}")]
     Corrupted(String),
+    /// UNLOCK or EXTEND with the owner token of a lock that was lost without its holder letting go.
+    #[error("{0}")]
+    LockLost(String),
     /// Something that should not happen (an unexpected answer from Redis, a dropped wait).
     #[error("{0}")]
     Internal(String),
@@ -110,13 +117,24 @@ pub struct Store {
 
 impl Store {
     /// A store over this cache and lock table, with Redis behind them when `remote` is given.
+    /// With Redis, starts the task that follows its health (must run inside a tokio runtime).
     pub fn new(cache: Arc<SessionCache>, locks: Arc<LockTable>, remote: Option<Remote>) -> Store {
+        let remote = remote.map(Arc::new);
+        if let Some(remote) = &remote {
+            tokio::spawn(degraded::watch(remote.clone(), locks.clone()));
+        }
         Store {
             cache,
             locks,
-            remote: remote.map(Arc::new),
+            remote,
             chains: Arc::default(),
         }
+    }
+
+    /// Whether Redis is configured and unreachable now: an answer made now without Redis is
+    /// degraded.
+    pub fn degraded(&self) -> bool {
+        self.remote.as_ref().is_some_and(|r| !r.available())
     }
 
     /// The value under `key`, if any.
@@ -199,35 +217,60 @@ impl Store {
     }
 
     /// Takes a lock, waits for it in FIFO order, or refuses at once in try mode.
-    pub fn lock(&self, ask: LockAsk, now: Instant) -> Step<Result<Grant, StoreError>> {
+    pub fn lock(&self, ask: LockAsk, now: Instant) -> Step<Result<Marked<Grant>, StoreError>> {
         match &self.remote {
-            None => lock::local(&self.locks, ask, now),
+            None => lock::local(&self.locks, ask, now).map(|r| r.map(Marked::plain)),
             Some(remote) => lock::remote(&self.locks, remote, ask, now),
         }
     }
 
     /// Releases `key` if `token` holds it, handing it to the next waiter.
-    pub fn unlock(&self, key: &str, token: &str, now: Instant) -> Step<Result<Status, StoreError>> {
+    pub fn unlock(
+        &self,
+        key: &str,
+        token: &str,
+        now: Instant,
+    ) -> Step<Result<Marked<Status>, StoreError>> {
         let Some(remote) = &self.remote else {
-            return Step::Ready(Ok(self.locks.release(key, token, now)));
+            return Step::Ready(Ok(Marked::plain(self.locks.release(key, token, now))));
         };
+        if remote.degraded.is_lost(key, token) {
+            return Step::Ready(Err(lost(key)));
+        }
+        if remote.degraded.forget_local(key, token) {
+            // Granted here while Redis was away and not adopted yet: Redis has no part in it. (An
+            // acquire that timed out just before may still have landed there: let that go too.)
+            let status = self.locks.release(key, token, now);
+            remote.release_later(key.to_string(), token.to_string(), MAX_LEASE);
+            return Step::Ready(Ok(Marked::degraded(status)));
+        }
         let (remote, locks) = (remote.clone(), self.locks.clone());
         let (key, token) = (key.to_string(), token.to_string());
         Step::Later(Box::pin(async move {
             // Redis first: once released there, another host may be granted it; then the local
             // table hands it to this host's next waiter, who asks Redis in turn.
-            let released = remote
-                .link
-                .release(&key, &token)
-                .await
-                .map_err(|e| remote.store_error(e))?;
+            let released = match remote.link.release(&key, &token).await {
+                Ok(released) => released,
+                Err(LinkError::Unavailable(_)) => {
+                    // Degraded: act on this daemon's record; the release in Redis waits for it.
+                    let status = locks.release(&key, &token, Instant::now());
+                    if status == Status::Ok {
+                        remote.release_later(key, token, MAX_LEASE);
+                    }
+                    return Ok(Marked::degraded(status));
+                }
+                Err(e) => return Err(remote.store_error(e)),
+            };
+            if remote.degraded.is_lost(&key, &token) {
+                return Err(lost(&key));
+            }
             let local = locks.release(&key, &token, Instant::now());
-            Ok(match (released, local) {
+            Ok(Marked::plain(match (released, local) {
                 (Compare::Done, _) => Status::Ok,
                 // Held here but not in Redis: its lease ended there.
                 (_, Status::Ok) => Status::Expired,
                 (_, local) => local,
-            })
+            }))
         }))
     }
 
@@ -239,28 +282,46 @@ impl Store {
         token: &str,
         lease: Option<Duration>,
         now: Instant,
-    ) -> Step<Result<(Status, Duration), StoreError>> {
+    ) -> Step<Result<Marked<(Status, Duration)>, StoreError>> {
+        if let Some(remote) = &self.remote {
+            if remote.degraded.is_lost(key, token) {
+                return Step::Ready(Err(lost(key)));
+            }
+        }
         let local = self.locks.extend(key, token, lease, now);
         let Some(remote) = &self.remote else {
-            return Step::Ready(Ok(local));
+            return Step::Ready(Ok(Marked::plain(local)));
         };
         if local.0 != Status::Ok {
-            return Step::Ready(Ok(local));
+            return Step::Ready(Ok(Marked::plain(local)));
+        }
+        if remote.degraded.is_local(key, token) {
+            // Granted here while Redis was away: adopted later with the lease it has then.
+            remote.degraded.extended_locally(key, token, local.1);
+            return Step::Ready(Ok(Marked::degraded(local)));
         }
         let (remote, locks) = (remote.clone(), self.locks.clone());
         let (key, token) = (key.to_string(), token.to_string());
         Step::Later(Box::pin(async move {
-            let extended = remote
+            let extended = match remote
                 .link
                 .extend(&key, &token, Remote::redis_lease(local.1))
                 .await
-                .map_err(|e| remote.store_error(e))?;
+            {
+                Ok(extended) => extended,
+                // Degraded: the lease is renewed on this daemon's record only.
+                Err(LinkError::Unavailable(_)) => return Ok(Marked::degraded(local)),
+                Err(e) => return Err(remote.store_error(e)),
+            };
             if extended == Compare::Done {
-                return Ok(local);
+                return Ok(Marked::plain(local));
+            }
+            if remote.degraded.is_lost(&key, &token) {
+                return Err(lost(&key));
             }
             // Redis let it go (its lease ended there, or another host holds it): so does this host.
             locks.release(&key, &token, Instant::now());
-            Ok((Status::Expired, Duration::ZERO))
+            Ok(Marked::plain((Status::Expired, Duration::ZERO)))
         }))
     }
 
@@ -293,6 +354,13 @@ impl Store {
             Some(remote) => (true, remote.available()),
         }
     }
+}
+
+/// The refusal of UNLOCK or EXTEND with the token of a lock that was lost.
+fn lost(key: &str) -> StoreError {
+    StoreError::LockLost(format!(
+        "the lock `{key}` was lost: its lease could not be kept in Redis, and another holder may have it"
+    ))
 }
 
 /// The longest lease a LOCK may ask for (a day): how long a release in Redis is worth retrying when

@@ -12,11 +12,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::config::Config;
+use crate::config::{Config, LockFallback};
 use crate::locks::Fenced;
 use crate::redis::scripts::{FenceCheck, Write};
 use crate::redis::wakeups::Wakeups;
 use crate::redis::{Health, Link, LinkError, RedisSettings};
+use crate::store::degraded::Degraded;
 use crate::store::release::Releaser;
 use crate::store::StoreError;
 
@@ -52,6 +53,10 @@ pub struct Remote {
     pub retry_delay: Duration,
     /// For STATS.
     pub counters: RemoteCounters,
+    /// LOCK_FALLBACK: what LOCK does while Redis is unreachable.
+    pub fallback: LockFallback,
+    /// Degraded mode's state: unavailable time, locks granted locally, lost locks.
+    pub degraded: Degraded,
 }
 
 impl Remote {
@@ -68,6 +73,8 @@ impl Remote {
             link,
             retry_delay: Duration::from_secs_f64(config.lock_retry_delay),
             counters: RemoteCounters::default(),
+            fallback: config.lock_fallback,
+            degraded: Degraded::new(Instant::now()),
         }))
     }
 
