@@ -45,16 +45,12 @@ pub struct Stats {
 impl Daemon {
     /// Every figure the daemon reports, as of `now`.
     pub fn stats(&self, now: Instant) -> Stats {
-        let (configured, available) = self.store.redis_health();
         Stats {
             version: env!("CARGO_PKG_VERSION"),
             uptime_seconds: now.saturating_duration_since(self.started).as_secs_f64(),
             cache: self.cache.stats(),
             performance: self.meter.snapshot(now),
-            redis: RedisStats {
-                configured,
-                available,
-            },
+            redis: self.store.redis_stats(now),
             connections: self.connections.stats(),
             locks: self.locks.stats(),
             requests: self.meter.totals(),

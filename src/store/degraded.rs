@@ -31,6 +31,8 @@ use crate::redis::scripts::Adopt;
 use crate::redis::{Health, LinkError};
 use crate::store::lock::renew;
 use crate::store::remote::Remote;
+use crate::store::Store;
+use scaled_client::answers::RedisStats;
 
 /// Lost owner tokens remembered per lock, like the expired ones of the lock table.
 pub const LOST_PER_LOCK: usize = 8;
@@ -223,6 +225,28 @@ impl Degraded {
         self.locks_lost.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(lock, reason = why, "a lock was lost");
         locks.release(lock, token, Instant::now());
+    }
+}
+
+impl Store {
+    /// STATS `redis`, as of `now`.
+    pub fn redis_stats(&self, now: Instant) -> RedisStats {
+        let Some(remote) = &self.remote else {
+            return RedisStats::default();
+        };
+        let link = remote.link.stats();
+        RedisStats {
+            configured: true,
+            available: remote.available(),
+            degraded_seconds: remote.degraded.unavailable_for(now).as_secs_f64(),
+            round_trips: link.round_trips,
+            unavailable: link.unavailable,
+            connects: link.connects,
+            corruptions: remote.counters.corrupted.load(Ordering::Relaxed),
+            renewals_failed: remote.counters.renewals_failed.load(Ordering::Relaxed),
+            locks_lost: remote.degraded.locks_lost(),
+            releases_pending: remote.releaser.pending() as u64,
+        }
     }
 }
 

@@ -64,6 +64,11 @@ impl Releaser {
         }
     }
 
+    /// Releases queued and not yet taken by the task.
+    pub fn pending(&self) -> usize {
+        RELEASE_QUEUE - self.tx.capacity()
+    }
+
     /// Waits until every release queued so far is done, at most `limit`; true if they all are.
     pub async fn drain(&self, limit: Duration) -> bool {
         let (tx, rx) = oneshot::channel();
