@@ -41,6 +41,9 @@ pub const LOST_PER_LOCK: usize = 8;
 /// (its tokens then answer as any unknown token does).
 pub const MAX_LOST_LOCKS: usize = 65_536;
 
+/// How long adoption waits for the releases queued while Redis was away.
+const ADOPT_AFTER_RELEASES: Duration = Duration::from_secs(5);
+
 /// A store result, and whether it was made without Redis while Redis is configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Marked<T> {
@@ -272,6 +275,15 @@ pub async fn watch(remote: Arc<Remote>, locks: Arc<LockTable>) {
 /// to someone since, or that someone holds there now, is lost. Stops at the first sign that Redis is
 /// gone again; the next return tries the rest.
 async fn adopt_all(remote: &Arc<Remote>, locks: &Arc<LockTable>) {
+    if remote.degraded.local_grants() == 0 {
+        return;
+    }
+    // Releases made while Redis was away go first: a lock held in Redis before the outage and
+    // released locally during it is still held there by its old token until its release lands, and
+    // adopting before that would find that token and lose the newer local grant.
+    if !remote.releaser.drain(ADOPT_AFTER_RELEASES).await {
+        tracing::warn!("releases made while Redis was away are not done; adopting anyway");
+    }
     let grants: Vec<((String, String), LocalGrant)> = remote
         .degraded
         .local
