@@ -65,14 +65,42 @@ pub struct Config {
     #[arg(long, env = "LOCK_MAX_RETRIES", default_value_t = 50)]
     pub lock_max_retries: u32,
 
-    /// Redis to share locks and cache across hosts. This build runs standalone and refuses to start
-    /// when it is set, rather than silently giving host-local locks to callers who expect shared ones.
+    /// Redis to share locks and cache across hosts (`redis://host:port/db` or `unix://path`); unset,
+    /// the daemon runs standalone. With it set the daemon starts at once and connects in the
+    /// background.
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
 
-    /// Most connections to Redis.
+    /// Most connections to Redis. The daemon uses three: commands, invalidations, wake-ups.
     #[arg(long, env = "REDIS_MAX_CONNECTIONS", default_value_t = 100)]
     pub redis_max_connections: u32,
+
+    /// Prefix of every key and channel in Redis, so one Redis can hold other data too.
+    #[arg(long, env = "REDIS_PREFIX", default_value = "scaled:")]
+    pub redis_prefix: String,
+
+    /// Seconds a connection attempt to Redis may take before Redis counts as unreachable.
+    #[arg(long, env = "REDIS_CONNECT_TIMEOUT", default_value = "1", value_parser = parse_timeout)]
+    pub redis_connect_timeout: f64,
+
+    /// Seconds a command may wait for Redis's answer before it fails UNAVAILABLE and Redis counts
+    /// as unreachable.
+    #[arg(long, env = "REDIS_RESPONSE_TIMEOUT", default_value = "2", value_parser = parse_timeout)]
+    pub redis_response_timeout: f64,
+
+    /// Most requests waiting on Redis per connection; at that many the connection is not read
+    /// until one finishes.
+    #[arg(long, env = "REDIS_MAX_PENDING", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub redis_max_pending: u64,
+
+    /// Most bytes of SET values waiting on Redis, over all connections; at least one largest value.
+    #[arg(long, env = "REDIS_MAX_PENDING_BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(1 << 20..))]
+    pub redis_max_pending_bytes: u64,
+
+    /// What LOCK does while Redis is unreachable: `local` falls back to this daemon's own lock table
+    /// (grants marked degraded), `fail` answers UNAVAILABLE.
+    #[arg(long, env = "LOCK_FALLBACK", value_enum, default_value_t = LockFallback::Local)]
+    pub lock_fallback: LockFallback,
 
     /// Most client connections at once; one more is answered OVERLOADED and closed.
     #[arg(long, env = "SCALED_MAX_CONNECTIONS", default_value_t = 10_000)]
@@ -202,6 +230,26 @@ impl Config {
     }
 }
 
+/// What LOCK does while Redis is configured but unreachable.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LockFallback {
+    /// Grant from this daemon's own lock table: exclusion among its own clients only, marked
+    /// degraded. The original architecture's fallback, and the default.
+    Local,
+    /// Refuse with UNAVAILABLE: no lock is granted that Redis has not granted.
+    Fail,
+}
+
+/// A timeout in seconds: positive (a zero timeout would fail every call) and finite.
+fn parse_timeout(s: &str) -> Result<f64, String> {
+    let v = parse_secs(s)?;
+    if v <= 0.0 {
+        return Err(format!("`{s}`: a timeout must be more than 0 seconds"));
+    }
+    Ok(v)
+}
+
 /// Seconds as a non-negative, finite number, so `Duration::from_secs_f64` can never panic.
 fn parse_secs(s: &str) -> Result<f64, String> {
     let v: f64 = s
@@ -256,6 +304,8 @@ mod tests {
             Some(Duration::from_secs(600))
         );
         assert_eq!(Config::timeout(0.0), None);
+        assert_eq!(c.redis_prefix, "scaled:");
+        assert_eq!(c.lock_fallback, LockFallback::Local);
     }
 
     #[test]
@@ -268,6 +318,16 @@ mod tests {
             &["scaled", "--cache-size", "0"],
             &["scaled", "--max-locks", "0"],
             &["scaled", "--max-waiters", "0"],
+        ] {
+            assert!(
+                Config::try_parse_from(args).is_err(),
+                "{args:?} was accepted"
+            );
+        }
+        for args in [
+            &["scaled", "--redis-response-timeout", "0"][..],
+            &["scaled", "--redis-max-pending-bytes", "1000"],
+            &["scaled", "--lock-fallback", "maybe"],
         ] {
             assert!(
                 Config::try_parse_from(args).is_err(),

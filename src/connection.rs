@@ -35,11 +35,12 @@ use tracing::Instrument;
 
 use scaled_client::frame::{begin_frame, finish_frame, missing, take_frame};
 use scaled_client::proto::{
-    decode_request, write_err, write_ok_key, write_response_head, ErrorCode, MAX_FRAME_LEN,
+    decode_request, write_degraded_response_head, write_err, write_ok_key, write_response_head,
+    ErrorCode, MAX_FRAME_LEN,
 };
 
 use crate::budget::{Charge, Slot};
-use crate::cmd::{self, CommandError, CommandResult, Outcome, Peer, Reply};
+use crate::cmd::{self, Answer, CommandError, Outcome, Peer, Reply};
 use crate::config::Config;
 use crate::context::RequestContext;
 use crate::daemon::Daemon;
@@ -62,7 +63,7 @@ static CLOSED: Throttle = Throttle::new();
 static REFUSED: Throttle = Throttle::new();
 
 /// What a request that waits is: its context and the answer it finishes with.
-type Waiting = JoinSet<(RequestContext, CommandResult)>;
+type Waiting = JoinSet<(RequestContext, Answer)>;
 
 /// Serves one connection until the peer closes it, it breaks, a timeout closes it, or shutdown drains
 /// it.
@@ -386,7 +387,7 @@ impl Departure<'_> {
         // Cancel first: from here on none of this connection's queued LOCKs can be granted.
         self.alive.cancel();
         self.daemon
-            .locks
+            .store
             .release_connection(self.conn_id, Instant::now());
     }
 }
@@ -560,7 +561,8 @@ fn run_request(
 /// would take the answer buffer past its base size must fit the daemon's buffer budget; if it does
 /// not, the client gets `OVERLOADED` instead (large answers come only from commands without side
 /// effects).
-fn respond(daemon: &Daemon, bufs: &mut Buffers, ctx: &RequestContext, result: CommandResult) {
+fn respond(daemon: &Daemon, bufs: &mut Buffers, ctx: &RequestContext, answer: impl Into<Answer>) {
+    let Answer { result, degraded } = answer.into();
     let result = match result {
         Ok(reply) if !fits(daemon, bufs, &reply) => {
             throttled_warn!(
@@ -588,7 +590,11 @@ fn respond(daemon: &Daemon, bufs: &mut Buffers, ctx: &RequestContext, result: Co
     let mut id_text = [0u8; 36];
     let request_id = ctx.request_id.hyphenated().encode_lower(&mut id_text);
     let start = begin_frame(out);
-    write_response_head(out, ctx.id, request_id, elapsed_us);
+    if degraded {
+        write_degraded_response_head(out, ctx.id, request_id, elapsed_us);
+    } else {
+        write_response_head(out, ctx.id, request_id, elapsed_us);
+    }
     match &result {
         Ok(reply) => {
             write_ok_key(out);

@@ -11,6 +11,8 @@ use crate::cache::{CacheLimits, SessionCache};
 use crate::config::Config;
 use crate::locks::LockTable;
 use crate::meter::RequestMeter;
+use crate::redis::LinkError;
+use crate::store::remote::Remote;
 use crate::store::Store;
 
 /// The daemon's shared state. One value, behind an `Arc`, handed to every connection.
@@ -40,8 +42,9 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Fresh state for `config`.
-    pub fn new(config: Config) -> Daemon {
+    /// Fresh state for `config`; with REDIS_URL set, starts the link to Redis (down until it
+    /// connects). Must run inside a tokio runtime.
+    pub fn new(config: Config) -> Result<Daemon, LinkError> {
         let started = Instant::now();
         let cache = Arc::new(SessionCache::new(CacheLimits {
             max_entries: usize::try_from(config.cache_size).unwrap_or(usize::MAX),
@@ -53,12 +56,12 @@ impl Daemon {
             wall_clock_micros(),
             config.lock_limits(),
         ));
-        let store = Store::new(cache.clone(), locks.clone());
+        let store = Store::new(cache.clone(), locks.clone(), Remote::start(&config)?);
         let buffers = Budget::new(usize::try_from(config.max_buffer_bytes).unwrap_or(usize::MAX));
         let waiting = Arc::new(Budget::new(
             usize::try_from(config.max_waiting).unwrap_or(usize::MAX),
         ));
-        Daemon {
+        Ok(Daemon {
             config,
             cache,
             locks,
@@ -69,12 +72,12 @@ impl Daemon {
             connections: ConnectionCounters::default(),
             started,
             shutdown: CancellationToken::new(),
-        }
+        })
     }
 }
 
 /// Microseconds since the Unix epoch; where fencing tokens start, so they keep growing across restarts.
-fn wall_clock_micros() -> u64 {
+pub(crate) fn wall_clock_micros() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)

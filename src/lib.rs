@@ -17,6 +17,8 @@
 //! - [`locks`]: the lock table: FIFO queues, fencing tokens, leases, release when a connection ends.
 //!   It knows a connection only as a number and a cancellation token.
 //! - [`meter`]: response times and rates over a sliding 60-second window, and since-start totals.
+//! - [`redis`]: the link to a shared Redis (connection, health, Lua scripts, the invalidation stream,
+//!   release wake-ups). It knows nothing of the cache or the lock table.
 //! - [`daemon`]: the shared state the connections hold.
 //! - [`budget`]: daemon-wide budgets of buffer bytes and waiting requests, so per-connection limits
 //!   times the connection limit cannot exceed what the host can spare.
@@ -37,6 +39,7 @@ pub mod daemon;
 pub mod locks;
 pub mod meter;
 pub mod metrics;
+pub mod redis;
 pub mod reqlog;
 pub mod rlimit;
 pub mod server;

@@ -429,6 +429,55 @@ impl Collector for Figures {
             "1 when the Redis backend is reachable.",
             u64::from(r.available),
         )?;
+        let degraded = ConstCounter::new(r.degraded_seconds);
+        degraded.encode(enc.encode_descriptor(
+            "redis_degraded_seconds",
+            "Seconds Redis has been unavailable since start.",
+            None,
+            degraded.metric_type(),
+        )?)?;
+        counter(
+            &mut enc,
+            "redis_round_trips",
+            "Commands and scripts sent to Redis.",
+            r.round_trips,
+        )?;
+        counter(
+            &mut enc,
+            "redis_unavailable",
+            "Calls to Redis that failed because it was unreachable.",
+            r.unavailable,
+        )?;
+        counter(
+            &mut enc,
+            "redis_connects",
+            "Connections to Redis opened.",
+            r.connects,
+        )?;
+        counter(
+            &mut enc,
+            "redis_corruptions",
+            "Values read from Redis whose checksum failed.",
+            r.corruptions,
+        )?;
+        counter(
+            &mut enc,
+            "redis_renewals_failed",
+            "Auto-renewals Redis refused.",
+            r.renewals_failed,
+        )?;
+        counter(
+            &mut enc,
+            "redis_locks_lost",
+            "Locks lost without their holder letting go.",
+            r.locks_lost,
+        )?;
+        gauge(
+            &mut enc,
+            "redis_releases_pending",
+            "Lock releases waiting for Redis.",
+            r.releases_pending,
+        )?;
         Ok(())
     }
 }

@@ -50,12 +50,12 @@ pub enum StartError {
     /// `--tcp` names a non-loopback address without `--tcp-allow-remote`.
     #[error("--tcp {0} is not a loopback address; pass --tcp-allow-remote to allow it")]
     RemoteTcp(SocketAddr),
+    /// The Redis settings cannot work (a bad REDIS_URL, too few connections allowed).
+    #[error("{0}")]
+    Redis(#[from] crate::redis::LinkError),
     /// The metrics endpoint could not start.
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
-    /// REDIS_URL is set, but this build has only the standalone backend.
-    #[error("REDIS_URL is set, but this build of scaled runs standalone only; unset it to run with host-local locks")]
-    RedisUnsupported,
     /// Creating, locking or binding something failed.
     #[error("{what}: {source}")]
     Io {
@@ -87,9 +87,6 @@ pub struct Server {
 impl Server {
     /// Binds the listeners `config` asks for. Must run inside a tokio runtime.
     pub fn bind(config: Config) -> Result<Server, StartError> {
-        if config.redis_url.is_some() {
-            return Err(StartError::RedisUnsupported);
-        }
         if let Some(addr) = config.tcp {
             if !addr.ip().is_loopback() && !config.tcp_allow_remote {
                 return Err(StartError::RemoteTcp(addr));
@@ -116,7 +113,7 @@ impl Server {
             None => None,
         };
         Ok(Server {
-            daemon: Arc::new(Daemon::new(config)),
+            daemon: Arc::new(Daemon::new(config)?),
             unix,
             tcp,
             metrics,
@@ -192,6 +189,8 @@ impl Server {
                 "connections still busy after the grace period; closing anyway"
             );
         }
+        // Every connection's locks went to the releaser as it closed: release them in Redis now.
+        daemon.store.finish(grace).await;
         if let Err(e) = fs::remove_file(&socket_path) {
             tracing::warn!(socket = %socket_path.display(), error = %e, "could not remove the socket");
         }

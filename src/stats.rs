@@ -50,10 +50,7 @@ impl Daemon {
             uptime_seconds: now.saturating_duration_since(self.started).as_secs_f64(),
             cache: self.cache.stats(),
             performance: self.meter.snapshot(now),
-            redis: RedisStats {
-                configured: false,
-                available: false,
-            },
+            redis: self.store.redis_stats(now),
             connections: self.connections.stats(),
             locks: self.locks.stats(),
             requests: self.meter.totals(),
@@ -114,7 +111,7 @@ mod tests {
     #[test]
     fn the_stats_document_has_the_clients_shape() {
         let config = Config::try_parse_from(["scaled"]).expect("defaults");
-        let daemon = Daemon::new(config);
+        let daemon = Daemon::new(config).expect("a standalone daemon needs no Redis");
         let now = Instant::now();
         daemon
             .meter

@@ -109,7 +109,10 @@ async fn a_client_that_never_reads_its_answers_holds_a_bounded_buffer() {
     // Let the daemon do all it will do with them, then look at its memory.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let peak = peak_mib(pid);
-    eprintln!("RSS before {before:.1} MiB, peak {peak:.1} MiB");
+    eprintln!(
+        "{}: RSS before {before:.1} MiB, peak {peak:.1} MiB",
+        module_path!()
+    );
     // Per connection: 64 KiB of unread answers plus one answer of 1 MiB, and the 1 MiB value.
     assert!(
         peak < before + 32.0,
@@ -199,7 +202,10 @@ async fn half_sent_frames_are_bounded_by_the_buffer_budget_and_timed_out() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let peak = peak_mib(pid);
-    eprintln!("RSS before {before:.1} MiB, peak {peak:.1} MiB");
+    eprintln!(
+        "{}: RSS before {before:.1} MiB, peak {peak:.1} MiB",
+        module_path!()
+    );
     assert!(
         peak < before + 32.0 + 24.0,
         "peak RSS {peak:.1} MiB from {before:.1} MiB"
@@ -284,6 +290,7 @@ async fn the_cache_is_bounded_in_bytes_by_default() {
     let stats = client.stats().await.expect("STATS");
     let budget = stats.cache.max_bytes;
     assert_eq!(budget, 256 << 20, "the default CACHE_MAX_BYTES");
+    let probe = Prober::start(daemon.client().await).await;
     // 10 000 entries of 1 MiB would be 10 GiB; 400 of them already pass the budget.
     let value = vec![5u8; 1 << 20];
     for i in 0..400 {
@@ -292,10 +299,15 @@ async fn the_cache_is_bounded_in_bytes_by_default() {
             .await
             .expect("SET");
     }
+    probe
+        .finish()
+        .await
+        .assert_served("1 MiB values past the cache budget");
     let stats = client.stats().await.expect("STATS");
     let bytes = stats.cache.bytes;
     assert!(bytes <= budget, "the cache holds {bytes} bytes");
     let peak = peak_mib(pid);
+    eprintln!("cache budget: peak RSS {peak:.1} MiB with a 256 MiB cache budget");
     assert!(
         peak < 256.0 + 96.0,
         "peak RSS {peak:.1} MiB with a 256 MiB cache budget"

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::TestDaemon;
@@ -45,7 +45,7 @@ async fn reconnects_after_the_daemon_restarts() {
     assert!(matches!(client.ping().await, Err(Error::Io(_))));
 
     // A new daemon on the same socket (the dead one's socket file is stale and is replaced).
-    let restarted = Command::new(env!("CARGO_BIN_EXE_scaled"))
+    let restarted = common::scaled_command()
         .arg("--socket")
         .arg(&daemon.socket)
         .stdin(Stdio::null())

@@ -30,10 +30,10 @@ while [ ! -e "$2" ]; do
 done
 exit 0"#;
 
-/// `scalectl --socket <socket> <args>`, with the caller's SCALED_SOCKET out of the way.
+/// `scalectl --socket <socket> <args>`, with the caller's settings (SCALED_SOCKET, ...) out of the way.
 fn scalectl(socket: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_scalectl"));
-    cmd.env_remove("SCALED_SOCKET").arg("--socket").arg(socket);
+    let mut cmd = common::scalectl_command();
+    cmd.arg("--socket").arg(socket);
     cmd
 }
 

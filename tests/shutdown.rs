@@ -8,29 +8,13 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{TestDaemon, STARTUP_LIMIT};
+use common::{scaled_command, TestDaemon, STARTUP_LIMIT};
 use scaled_client::proto::{Args, CommandName, Request};
 use scaled_client::{Client, Endpoint};
 
-/// Environment variables the daemon reads, cleared so the caller's environment cannot change a test.
-const DAEMON_ENV: &[&str] = &[
-    "SCALED_SOCKET",
-    "SCALED_SOCKET_MODE",
-    "SCALED_TCP",
-    "CACHE_SIZE",
-    "CACHE_TTL",
-    "REDIS_URL",
-    "SCALED_MAX_CONNECTIONS",
-    "SCALED_SHUTDOWN_TIMEOUT",
-    "SCALED_LOG",
-];
-
 /// `scaled --socket <socket>`, not yet started, with its output captured.
 fn scaled_at(socket: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_scaled"));
-    for var in DAEMON_ENV {
-        cmd.env_remove(var);
-    }
+    let mut cmd = scaled_command();
     cmd.arg("--socket")
         .arg(socket)
         .stdin(Stdio::null())

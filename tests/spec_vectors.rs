@@ -33,9 +33,9 @@ use scaled::locks::{
 use scaled_client::answers::Welcome;
 use scaled_client::frame::{begin_frame, finish_frame, push_frame, take_frame, LEN_PREFIX};
 use scaled_client::proto::{
-    decode_request, write_err, write_ok_key, write_response_head, Args, CommandName, ErrorCode,
-    Fence, Request, Response, WireError, MAX_CLIENT_NAME_LEN, MAX_FRAME_LEN, MAX_KEY_LEN,
-    MAX_PING_DELAY_MS, MAX_VALUE_LEN, PROTOCOL_VERSION,
+    decode_request, write_degraded_response_head, write_err, write_ok_key, write_response_head,
+    Args, CommandName, ErrorCode, Fence, Request, Response, WireError, MAX_CLIENT_NAME_LEN,
+    MAX_FRAME_LEN, MAX_KEY_LEN, MAX_PING_DELAY_MS, MAX_VALUE_LEN, PROTOCOL_VERSION,
 };
 
 use common::{RawConn, TestDaemon, STARTUP_LIMIT};
@@ -427,6 +427,8 @@ struct ExpectedResponse {
     /// The n of the fixed request_id `00000000-0000-4000-8000-00000000000n`.
     request_n: u64,
     elapsed_us: u64,
+    /// Whether the envelope carries `degraded: true` (an answer made without Redis).
+    degraded: bool,
     answer: Answer,
 }
 
@@ -483,6 +485,7 @@ fn expected_responses() -> Vec<ExpectedResponse> {
         id,
         request_n,
         elapsed_us,
+        degraded: false,
         answer,
     };
     vec![
@@ -594,21 +597,44 @@ fn expected_responses() -> Vec<ExpectedResponse> {
                 ]),
             ),
         ),
+        ExpectedResponse {
+            degraded: true,
+            ..response(
+                "get-degraded-response",
+                14,
+                15,
+                9,
+                Answer::Ok(
+                    Reply::Value(Bytes::from_static(FENCED_VALUE)),
+                    rmpv::Value::Binary(FENCED_VALUE.to_vec()),
+                ),
+            )
+        },
     ]
 }
 
 /// The envelope head the daemon writes for a response, alone.
-fn head(id: u64, request_id: &str, elapsed_us: u64) -> Vec<u8> {
+fn head(id: u64, request_id: &str, elapsed_us: u64, degraded: bool) -> Vec<u8> {
     let mut out = Vec::new();
-    write_response_head(&mut out, id, request_id, elapsed_us);
+    if degraded {
+        write_degraded_response_head(&mut out, id, request_id, elapsed_us);
+    } else {
+        write_response_head(&mut out, id, request_id, elapsed_us);
+    }
     out
 }
 
-/// Splits a response body into its head (`id`, `request_id`, `elapsed_us`) and the rest (`ok` or
-/// `err` and its value), checking the head is exactly what the daemon's encoder writes for it.
+/// Splits a response body into its head (`id`, `request_id`, `elapsed_us`, and `degraded` when
+/// present) and the rest (`ok` or `err` and its value), checking the head is exactly what the
+/// daemon's encoder writes for it.
 fn split_response(body: &[u8]) -> (Response, Vec<u8>) {
     let response = Response::decode(body).expect("a response envelope");
-    let head = head(response.id, &response.request_id, response.elapsed_us);
+    let head = head(
+        response.id,
+        &response.request_id,
+        response.elapsed_us,
+        response.degraded,
+    );
     assert!(
         body.starts_with(&head),
         "the response does not start with the daemon's envelope head"
@@ -687,7 +713,12 @@ fn response_vectors_decode_to_the_expected_responses_and_the_daemon_encoders_wri
 
         let mut written = Vec::new();
         let start = begin_frame(&mut written);
-        write_response_head(&mut written, expected.id, &request_id, expected.elapsed_us);
+        written.extend_from_slice(&head(
+            expected.id,
+            &request_id,
+            expected.elapsed_us,
+            expected.degraded,
+        ));
         match &expected.answer {
             Answer::Ok(reply, _) => {
                 write_ok_key(&mut written);
@@ -717,6 +748,7 @@ fn response_vectors_decode_to_the_expected_responses_and_the_daemon_encoders_wri
             id: expected.id,
             request_id,
             elapsed_us: expected.elapsed_us,
+            degraded: expected.degraded,
             ok,
             err,
         };
@@ -725,7 +757,7 @@ fn response_vectors_decode_to_the_expected_responses_and_the_daemon_encoders_wri
 }
 
 #[test]
-fn every_response_vector_is_the_four_member_envelope_in_order() {
+fn every_response_vector_is_the_envelope_in_order() {
     for (name, frame) in vectors().iter().filter(|(n, _)| n.ends_with("-response")) {
         let body = body_of(name, frame);
         let value = rmpv::decode::read_value(&mut &body[..])
@@ -737,16 +769,23 @@ fn every_response_vector_is_the_four_member_envelope_in_order() {
             .iter()
             .map(|(k, _)| k.as_str().expect("str keys"))
             .collect();
-        assert_eq!(keys.len(), 4, "vector `{name}`: {keys:?}");
+        // Four members, or five with the optional `degraded: true` fourth.
+        let degraded = keys.len() == 5 && keys[3] == "degraded";
+        assert_eq!(
+            keys.len(),
+            if degraded { 5 } else { 4 },
+            "vector `{name}`: {keys:?}"
+        );
+        if degraded {
+            assert_eq!(members[3].1, rmpv::Value::Boolean(true), "vector `{name}`");
+        }
         assert_eq!(
             keys[..3],
             ["id", "request_id", "elapsed_us"],
             "vector `{name}`"
         );
-        assert!(
-            keys[3] == "ok" || keys[3] == "err",
-            "vector `{name}`: {keys:?}"
-        );
+        let last = keys[keys.len() - 1];
+        assert!(last == "ok" || last == "err", "vector `{name}`: {keys:?}");
 
         // Re-encoding what was decoded, in the smallest forms, gives the same bytes.
         let (response, rest) = split_response(&body);

@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::TestDaemon;
@@ -37,11 +37,10 @@ async fn tcp_serves_the_same_protocol_and_state() {
 #[test]
 fn non_loopback_tcp_needs_explicit_permission() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_scaled"))
+    let mut child = common::scaled_command()
         .arg("--socket")
         .arg(dir.path().join("s.sock"))
         .args(["--tcp", "0.0.0.0:0"])
-        .env_remove("SCALED_TCP_ALLOW_REMOTE")
         .stdin(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

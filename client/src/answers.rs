@@ -150,14 +150,31 @@ pub struct Performance {
     pub commands: BTreeMap<String, PerfStats>,
 }
 
-/// STATS `redis`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// STATS `redis`. Every figure is 0 (or false) on a standalone daemon.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RedisStats {
     /// Whether a Redis backend is configured.
     pub configured: bool,
     /// Whether it is reachable.
     pub available: bool,
+    /// Seconds Redis has been unavailable since start (degraded time), the current outage included.
+    pub degraded_seconds: f64,
+    /// Commands and scripts sent to Redis since start.
+    pub round_trips: u64,
+    /// Calls that failed because Redis was unreachable, since start.
+    pub unavailable: u64,
+    /// Connections to Redis opened since start.
+    pub connects: u64,
+    /// Values read from Redis whose checksum failed (answered `CORRUPTED`), since start.
+    pub corruptions: u64,
+    /// Auto-renewals Redis refused, since start.
+    pub renewals_failed: u64,
+    /// Locks lost without their holder letting go (a refused renewal, or a lock granted while
+    /// degraded that another daemon was granted meanwhile), since start.
+    pub locks_lost: u64,
+    /// Releases waiting for the background releaser now (a connection's end, Redis away).
+    pub releases_pending: u64,
 }
 
 /// STATS `connections`.

@@ -42,6 +42,12 @@ pub enum Error {
     /// `FENCED`: a fenced write carried a stale fencing token.
     #[error("FENCED: {0}")]
     Fenced(String),
+    /// `LOCK_LOST`: the lock this token held was lost without its holder letting go (with Redis).
+    #[error("LOCK_LOST: {0}")]
+    LockLost(String),
+    /// `CORRUPTED`: the value in Redis failed its checksum and was not served (with Redis).
+    #[error("CORRUPTED: {0}")]
+    Corrupted(String),
     /// `UNAVAILABLE`: a backend the daemon needs is down.
     #[error("UNAVAILABLE: {0}")]
     Unavailable(String),
@@ -83,6 +89,8 @@ impl Error {
             Error::Locked(_) => ErrorCode::Locked,
             Error::LockTimeout(_) => ErrorCode::LockTimeout,
             Error::Fenced(_) => ErrorCode::Fenced,
+            Error::LockLost(_) => ErrorCode::LockLost,
+            Error::Corrupted(_) => ErrorCode::Corrupted,
             Error::Unavailable(_) => ErrorCode::Unavailable,
             Error::Internal(_) => ErrorCode::Internal,
             Error::ConnectionTimedOut(_) => ErrorCode::Timeout,
@@ -107,6 +115,8 @@ impl Error {
             ErrorCode::Locked => Error::Locked(message),
             ErrorCode::LockTimeout => Error::LockTimeout(message),
             ErrorCode::Fenced => Error::Fenced(message),
+            ErrorCode::LockLost => Error::LockLost(message),
+            ErrorCode::Corrupted => Error::Corrupted(message),
             ErrorCode::Unavailable => Error::Unavailable(message),
             ErrorCode::Internal => Error::Internal(message),
             ErrorCode::Timeout => Error::ConnectionTimedOut(message),

@@ -231,7 +231,12 @@ pub enum ErrorCode {
     LockTimeout,
     /// A fenced write carried a fencing token older than the newest grant on its lock.
     Fenced,
-    /// A backend the command needs (Redis) cannot be reached.
+    /// With Redis only: UNLOCK or EXTEND named the token of a lock lost without its holder letting go
+    /// (a renewal in Redis failed).
+    LockLost,
+    /// With Redis only: a value read from Redis failed its checksum; it was not served.
+    Corrupted,
+    /// With Redis only: Redis, which the command needs, cannot be reached or did not answer in time.
     Unavailable,
     /// A bug or an unexpected internal failure; the message says more.
     Internal,
@@ -243,7 +248,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in the order proto-spec.md lists them.
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::Malformed,
         ErrorCode::FrameTooLarge,
         ErrorCode::HelloRequired,
@@ -256,6 +261,8 @@ impl ErrorCode {
         ErrorCode::Locked,
         ErrorCode::LockTimeout,
         ErrorCode::Fenced,
+        ErrorCode::LockLost,
+        ErrorCode::Corrupted,
         ErrorCode::Unavailable,
         ErrorCode::Internal,
         ErrorCode::Timeout,
@@ -276,6 +283,8 @@ impl ErrorCode {
             ErrorCode::Locked => "LOCKED",
             ErrorCode::LockTimeout => "LOCK_TIMEOUT",
             ErrorCode::Fenced => "FENCED",
+            ErrorCode::LockLost => "LOCK_LOST",
+            ErrorCode::Corrupted => "CORRUPTED",
             ErrorCode::Unavailable => "UNAVAILABLE",
             ErrorCode::Internal => "INTERNAL",
             ErrorCode::Timeout => "TIMEOUT",
@@ -312,6 +321,10 @@ pub struct Response {
     pub request_id: String,
     /// How long the daemon spent on the request, in microseconds.
     pub elapsed_us: u64,
+    /// True when a daemon configured with Redis made this answer without it (the optional `degraded`
+    /// member); false when the member is absent, as it always is from a standalone daemon.
+    #[serde(default)]
+    pub degraded: bool,
     /// The result; `nil` when absent (GET of a missing key answers `ok: nil`).
     #[serde(default = "nil")]
     pub ok: rmpv::Value,
@@ -335,13 +348,27 @@ impl Response {
 /// `elapsed_us` members. The caller then writes either [`write_ok_key`] and a value, or [`write_err`].
 /// Writing into a `Vec` cannot fail, so the results of the `rmp` calls are ignored.
 pub fn write_response_head(out: &mut Vec<u8>, id: u64, request_id: &str, elapsed_us: u64) {
-    let _ = rmp::encode::write_map_len(out, 4);
+    write_head(out, id, request_id, elapsed_us, false);
+}
+
+/// Like [`write_response_head`], for an answer made without Redis by a daemon configured with it: a
+/// five-member map whose fourth member is `degraded: true`.
+pub fn write_degraded_response_head(out: &mut Vec<u8>, id: u64, request_id: &str, elapsed_us: u64) {
+    write_head(out, id, request_id, elapsed_us, true);
+}
+
+fn write_head(out: &mut Vec<u8>, id: u64, request_id: &str, elapsed_us: u64, degraded: bool) {
+    let _ = rmp::encode::write_map_len(out, if degraded { 5 } else { 4 });
     let _ = rmp::encode::write_str(out, "id");
     let _ = rmp::encode::write_uint(out, id);
     let _ = rmp::encode::write_str(out, "request_id");
     let _ = rmp::encode::write_str(out, request_id);
     let _ = rmp::encode::write_str(out, "elapsed_us");
     let _ = rmp::encode::write_uint(out, elapsed_us);
+    if degraded {
+        let _ = rmp::encode::write_str(out, "degraded");
+        let _ = rmp::encode::write_bool(out, true);
+    }
 }
 
 /// Writes the `ok` key; the value follows.

@@ -357,6 +357,21 @@ fn render_stats(doc: &Stats) -> String {
         _ => "not configured (standalone)",
     };
     s += &format!("redis        {redis}\n");
+    if doc.redis.configured {
+        let r = &doc.redis;
+        s += &format!(
+            "             degraded {:.1} s   {} round trips   {} unavailable   {} connects   \
+             {} corruptions   {} renewals failed   {} locks lost   {} releases pending\n",
+            r.degraded_seconds,
+            r.round_trips,
+            r.unavailable,
+            r.connects,
+            r.corruptions,
+            r.renewals_failed,
+            r.locks_lost,
+            r.releases_pending,
+        );
+    }
     let l = &doc.locks;
     s += &format!(
         "locks        {} held   {} waiting   {} requests   {} grants   {} timeouts   {} refused   \

@@ -4,11 +4,12 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use scaled_client::proto::{Args, ErrorCode};
+use scaled_client::proto::Args;
 
-use super::{lock_millis, required_key, CommandError, Outcome, Peer, Reply};
+use super::{lock_millis, marked, required_key, CommandError, Outcome, Peer, Reply};
 use crate::daemon::Daemon;
-use crate::locks::{Acquire, Limit, LockRequest};
+use crate::locks::LockRequest;
+use crate::store::lock::LockAsk;
 
 pub fn run(daemon: &Arc<Daemon>, peer: &Peer, mut args: Args, now: Instant) -> Outcome {
     let parsed = (|| {
@@ -26,7 +27,7 @@ pub fn run(daemon: &Arc<Daemon>, peer: &Peer, mut args: Args, now: Instant) -> O
     })();
     let (key, lease, wait) = match parsed {
         Ok(p) => p,
-        Err(e) => return Outcome::Done(Err(e)),
+        Err(e) => return Outcome::failed(e),
     };
     let request = LockRequest {
         conn: peer.conn_id,
@@ -36,47 +37,16 @@ pub fn run(daemon: &Arc<Daemon>, peer: &Peer, mut args: Args, now: Instant) -> O
         auto_renew: args.auto_renew.unwrap_or(false),
         try_only: args.try_only.unwrap_or(false) || wait.is_none(),
     };
-    match daemon.locks.acquire(&key, request, now) {
-        Acquire::Granted(grant) => Outcome::Done(Ok(Reply::Grant(grant))),
-        Acquire::Busy => Outcome::Done(Err(CommandError::new(
-            ErrorCode::Locked,
-            format!("lock `{key}` is held"),
-        ))),
-        Acquire::Refused(Limit::Records(max)) => Outcome::Done(Err(CommandError::new(
-            ErrorCode::Overloaded,
-            format!(
-                "the lock table is full: all {max} lock records (SCALED_MAX_LOCKS) are held or \
-                 waited for; retry when some are released"
-            ),
-        ))),
-        Acquire::Refused(Limit::Waiters(max)) => Outcome::Done(Err(CommandError::new(
-            ErrorCode::Overloaded,
-            format!("lock `{key}` already has {max} waiters (SCALED_MAX_WAITERS); retry later"),
-        ))),
-        Acquire::Queued(mut ticket) => {
-            let wait = wait.unwrap_or_default();
-            let shutdown = daemon.shutdown.clone();
-            Outcome::Later(Box::pin(async move {
-                // Dropping the ticket on any branch but the grant leaves the queue, and gives back a
-                // grant that raced with the timeout.
-                tokio::select! {
-                    grant = ticket.granted() => match grant {
-                        Some(grant) => Ok(Reply::Grant(grant)),
-                        None => Err(CommandError::new(ErrorCode::Internal, "the wait was dropped")),
-                    },
-                    _ = tokio::time::sleep(wait) => {
-                        ticket.time_out();
-                        Err(CommandError::new(
-                            ErrorCode::LockTimeout,
-                            format!("lock `{key}` not granted within {} ms", wait.as_millis()),
-                        ))
-                    }
-                    _ = shutdown.cancelled() => Err(CommandError::new(
-                        ErrorCode::ShuttingDown,
-                        "the daemon is shutting down",
-                    )),
-                }
-            }))
-        }
-    }
+    let ask = LockAsk {
+        key,
+        request,
+        wait,
+        shutdown: daemon.shutdown.clone(),
+    };
+    let daemon = daemon.clone();
+    daemon
+        .store
+        .lock(ask, now)
+        .map(move |granted| marked(&daemon, granted, Reply::Grant))
+        .into()
 }

@@ -28,6 +28,7 @@ use scaled_client::proto::{Args, CommandName, ErrorCode, Fence, Request, MAX_KEY
 
 use crate::daemon::Daemon;
 use crate::locks::{Grant, Status};
+use crate::store::degraded::Marked;
 use crate::store::{Step, StoreError};
 
 /// A successful answer, written as the response's `ok` value.
@@ -146,28 +147,95 @@ impl CommandError {
 /// What a command answers.
 pub type CommandResult = Result<Reply, CommandError>;
 
+/// A command's answer with the envelope's `degraded` member: whether a daemon configured with Redis
+/// made it without Redis. The flag is decided with the answer, never read from the daemon's health
+/// when the answer is written (proto-spec.md, "Degraded answers").
+#[derive(Debug)]
+pub struct Answer {
+    /// The `ok` or `err` of the response.
+    pub result: CommandResult,
+    /// Written as `degraded: true` in the envelope when set.
+    pub degraded: bool,
+}
+
+impl Answer {
+    /// `result`, made without Redis when `degraded`.
+    pub fn new(result: CommandResult, degraded: bool) -> Answer {
+        Answer { result, degraded }
+    }
+}
+
+/// An `UNAVAILABLE` answer is always one made without Redis; every other answer is not, unless the
+/// command says so.
+impl From<CommandResult> for Answer {
+    fn from(result: CommandResult) -> Answer {
+        let degraded = matches!(&result, Err(e) if e.code == ErrorCode::Unavailable);
+        Answer { result, degraded }
+    }
+}
+
+/// The answer to a store result that says whether it was made without Redis. An error is degraded
+/// when it is `UNAVAILABLE`, or when it was made while Redis is unreachable.
+fn marked<T>(
+    daemon: &Daemon,
+    result: Result<Marked<T>, StoreError>,
+    reply: impl FnOnce(T) -> Reply,
+) -> Answer {
+    match result {
+        Ok(m) => Answer::new(Ok(reply(m.value)), m.degraded),
+        Err(e) => {
+            let mut answer = Answer::from(Err(CommandError::from(e)));
+            answer.degraded |= daemon.store.degraded();
+            answer
+        }
+    }
+}
+
 /// A command that finishes later.
-pub type Pending = Pin<Box<dyn Future<Output = CommandResult> + Send + 'static>>;
+pub type Pending = Pin<Box<dyn Future<Output = Answer> + Send + 'static>>;
 
 /// Whether the answer is ready now.
 pub enum Outcome {
     /// Answered without waiting.
-    Done(CommandResult),
+    Done(Answer),
     /// Answered when the future completes.
     Later(Pending),
 }
 
+impl Outcome {
+    /// Answered at once with `error`.
+    pub fn failed(error: CommandError) -> Outcome {
+        Outcome::Done(Err(error).into())
+    }
+}
+
 impl From<CommandResult> for Outcome {
     fn from(r: CommandResult) -> Outcome {
-        Outcome::Done(r)
+        Outcome::Done(r.into())
     }
 }
 
 impl From<Step<CommandResult>> for Outcome {
     fn from(step: Step<CommandResult>) -> Outcome {
+        step.map(Answer::from).into()
+    }
+}
+
+impl From<Step<Answer>> for Outcome {
+    fn from(step: Step<Answer>) -> Outcome {
         match step {
-            Step::Ready(r) => Outcome::Done(r),
+            Step::Ready(a) => Outcome::Done(a),
             Step::Later(pending) => Outcome::Later(pending),
+        }
+    }
+}
+
+/// A command whose checks failed before it reached the store, or the store's step.
+impl From<Result<Step<Answer>, CommandError>> for Outcome {
+    fn from(r: Result<Step<Answer>, CommandError>) -> Outcome {
+        match r {
+            Ok(step) => step.into(),
+            Err(e) => Outcome::failed(e),
         }
     }
 }
@@ -177,7 +245,7 @@ impl From<Result<Step<CommandResult>, CommandError>> for Outcome {
     fn from(r: Result<Step<CommandResult>, CommandError>) -> Outcome {
         match r {
             Ok(step) => step.into(),
-            Err(e) => Outcome::Done(Err(e)),
+            Err(e) => Outcome::failed(e),
         }
     }
 }
@@ -187,6 +255,14 @@ impl From<StoreError> for CommandError {
         let code = match &e {
             StoreError::Fenced(_) => ErrorCode::Fenced,
             StoreError::TooLarge(_) => ErrorCode::TooLarge,
+            StoreError::Locked(_) => ErrorCode::Locked,
+            StoreError::LockTimeout { .. } => ErrorCode::LockTimeout,
+            StoreError::ShuttingDown => ErrorCode::ShuttingDown,
+            StoreError::Overloaded(_) => ErrorCode::Overloaded,
+            StoreError::Unavailable(_) => ErrorCode::Unavailable,
+            StoreError::Corrupted(_) => ErrorCode::Corrupted,
+            StoreError::LockLost(_) => ErrorCode::LockLost,
+            StoreError::Internal(_) => ErrorCode::Internal,
         };
         CommandError::new(code, e.to_string())
     }
@@ -219,13 +295,13 @@ impl Peer {
 /// Runs one decoded request.
 pub fn dispatch(daemon: &Arc<Daemon>, peer: &mut Peer, request: Request, now: Instant) -> Outcome {
     if !peer.greeted && request.cmd != CommandName::Hello {
-        return Outcome::Done(Err(CommandError::new(
+        return Outcome::failed(CommandError::new(
             ErrorCode::HelloRequired,
             "send HELLO with the protocol version before any other command",
-        )));
+        ));
     }
     let args = request.args;
-    match request.cmd {
+    let outcome = match request.cmd {
         CommandName::Hello => hello::run(peer, args).into(),
         CommandName::Ping => ping::run(args),
         CommandName::Get => get::run(daemon, args, now).into(),
@@ -236,10 +312,18 @@ pub fn dispatch(daemon: &Arc<Daemon>, peer: &mut Peer, request: Request, now: In
         CommandName::Unlock => unlock::run(daemon, args, now).into(),
         CommandName::Extend => extend::run(daemon, args, now).into(),
         CommandName::Locks => locks::run(daemon, args, now).into(),
-        CommandName::Unknown => Outcome::Done(Err(CommandError::new(
+        CommandName::Unknown => Outcome::failed(CommandError::new(
             ErrorCode::UnknownCommand,
             "unknown command; see proto-spec.md for the list",
-        ))),
+        )),
+    };
+    // An answer made at once while Redis is unreachable is made without it, whatever the command.
+    match outcome {
+        Outcome::Done(mut answer) => {
+            answer.degraded |= daemon.store.degraded();
+            Outcome::Done(answer)
+        }
+        later => later,
     }
 }
 

@@ -6,7 +6,7 @@ use tokio::time::Instant;
 
 use scaled_client::proto::Args;
 
-use super::{required_key, required_token, CommandError, CommandResult, Reply};
+use super::{marked, required_key, required_token, Answer, CommandError, Reply};
 use crate::daemon::Daemon;
 use crate::store::Step;
 
@@ -14,11 +14,12 @@ pub fn run(
     daemon: &Arc<Daemon>,
     mut args: Args,
     now: Instant,
-) -> Result<Step<CommandResult>, CommandError> {
+) -> Result<Step<Answer>, CommandError> {
     let key = required_key(&mut args)?;
     let token = required_token(&mut args)?;
+    let daemon = daemon.clone();
     Ok(daemon
         .store
         .unlock(&key, &token, now)
-        .map(|status| Ok(Reply::Status(status, None))))
+        .map(move |status| marked(&daemon, status, |s| Reply::Status(s, None))))
 }

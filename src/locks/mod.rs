@@ -39,6 +39,7 @@ use serde::Serialize;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use state::{State, Waiter};
 pub use ticket::WaitTicket;
@@ -91,6 +92,9 @@ impl Default for LockLimits {
         }
     }
 }
+
+/// Told the key and owner token of each lock a closing connection released.
+pub type ReleaseSink = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
 /// A request to take a lock.
 pub struct LockRequest {
@@ -387,6 +391,17 @@ impl LockTable {
     /// has the rest released by a task that yields between batches, so a connection holding a hundred
     /// thousand locks never stalls the others while they are handed on.
     pub fn release_connection(self: &Arc<Self>, conn: u64, now: Instant) {
+        self.release_connection_to(conn, now, None);
+    }
+
+    /// Like [`LockTable::release_connection`], and tells `sink` the key and owner token of each lock
+    /// released, so a shared backend can release it too.
+    pub fn release_connection_to(
+        self: &Arc<Self>,
+        conn: u64,
+        now: Instant,
+        sink: Option<ReleaseSink>,
+    ) {
         let mut keys: Vec<Arc<str>> = {
             let mut st = self.state.lock();
             let Some(keys) = st.held_by.remove(&conn) else {
@@ -394,7 +409,7 @@ impl LockTable {
             };
             keys.into_iter().collect()
         };
-        self.release_batch(conn, &mut keys, now);
+        self.release_batch(conn, &mut keys, now, sink.as_ref());
         if keys.is_empty() {
             return;
         }
@@ -404,20 +419,26 @@ impl LockTable {
                 runtime.spawn(async move {
                     while !keys.is_empty() {
                         tokio::task::yield_now().await;
-                        table.release_batch(conn, &mut keys, Instant::now());
+                        table.release_batch(conn, &mut keys, Instant::now(), sink.as_ref());
                     }
                 });
             }
             Err(_) => {
                 while !keys.is_empty() {
-                    self.release_batch(conn, &mut keys, now);
+                    self.release_batch(conn, &mut keys, now, sink.as_ref());
                 }
             }
         }
     }
 
     /// Releases up to [`RELEASE_BATCH`] of `keys` that `conn` still holds, taking them off `keys`.
-    fn release_batch(&self, conn: u64, keys: &mut Vec<Arc<str>>, now: Instant) {
+    fn release_batch(
+        &self,
+        conn: u64,
+        keys: &mut Vec<Arc<str>>,
+        now: Instant,
+        sink: Option<&ReleaseSink>,
+    ) {
         let mut st = self.state.lock();
         let from = keys.len().saturating_sub(RELEASE_BATCH);
         for key in keys.drain(from..) {
@@ -429,11 +450,50 @@ impl LockTable {
                 .is_some_and(|h| h.conn == conn)
             {
                 st.counters.released_on_disconnect += 1;
-                st.vacate(&key);
+                if let (Some(holder), Some(sink)) = (st.vacate(&key), sink) {
+                    sink(&key, &holder.token.to_string());
+                }
                 st.hand_on(&key, now);
             }
         }
         self.unlock_and_wake(st);
+    }
+
+    /// Replaces the fencing token of `token`'s grant on `key` with `fence`, a token issued by a shared
+    /// backend for the same grant, so LOCKS shows the token the holder was given. The table's counter
+    /// is raised to it, so tokens issued here later (a backend away) stay above it. False when
+    /// `token` no longer holds `key`.
+    pub fn set_fence(&self, key: &str, token: &str, fence: u64) -> bool {
+        let mut st = self.state.lock();
+        let Some(key) = st.entries.get_key_value(key).map(|(k, _)| k.clone()) else {
+            return false;
+        };
+        if st.status_of(&key, token) != Status::Ok {
+            return false;
+        }
+        st.raise_fence(fence);
+        let Some(entry) = st.entries.get_mut(&key) else {
+            return false;
+        };
+        entry.last_fence = entry.last_fence.max(fence);
+        let Some(h) = entry.holder.as_mut() else {
+            return false;
+        };
+        let old = (h.expires_at, h.fence);
+        h.fence = fence;
+        let at = h.expires_at;
+        st.deadlines.remove(&old);
+        st.deadlines.insert((at, fence), key);
+        true
+    }
+
+    /// Whether `token` is the holder of `key` (an auto-renew holder stays one past each deadline).
+    pub fn holds(&self, key: &str, token: &str) -> bool {
+        let st = self.state.lock();
+        st.entries
+            .get(key)
+            .and_then(|e| e.holder.as_ref())
+            .is_some_and(|h| Uuid::try_parse(token).is_ok_and(|t| t == h.token))
     }
 
     /// Whether connection `conn` holds any lock now.

@@ -180,6 +180,12 @@ impl State {
         self.fence
     }
 
+    /// Raises the counter to at least `fence`, a token issued elsewhere (a shared backend), so the
+    /// tokens minted here afterwards stay above it.
+    pub(super) fn raise_fence(&mut self, fence: u64) {
+        self.fence = self.fence.max(fence);
+    }
+
     /// The lease a holder gets: an auto-renew lease is at least [`AUTO_RENEW_MIN_LEASE`], so that
     /// renewing every auto-renew lock costs at most one step per lock per that period.
     pub(super) fn effective_lease(lease: Duration, auto_renew: bool) -> Duration {

@@ -9,6 +9,18 @@
 //! Fenced writes are composed here, not in the commands and not in the lock table: the fence check
 //! and the write must be one atomic step, and where that step runs (under the lock table's mutex, or
 //! in a Redis script) depends on the tier.
+//!
+//! - [`chain`]: per-key order of the requests that wait on Redis.
+//! - [`degraded`]: degraded mode (Redis configured but unreachable), lost locks, and adoption.
+//! - [`lock`]: LOCK, standalone and in two phases with Redis.
+//! - [`remote`]: the Redis tier (write-through, reads, the link's helpers).
+//! - [`release`]: the background releaser for releases seen where nobody can await Redis.
+
+pub mod chain;
+pub mod degraded;
+pub mod lock;
+pub mod release;
+pub mod remote;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,7 +33,13 @@ use tokio::time::Instant;
 use scaled_client::proto::Fence;
 
 use crate::cache::{CacheError, SessionCache};
-use crate::locks::{Fenced, LockTable, Status};
+use crate::locks::{Fenced, Grant, LockTable, Status};
+use crate::redis::scripts::Compare;
+use crate::redis::LinkError;
+use crate::store::chain::Chains;
+use crate::store::degraded::Marked;
+use crate::store::lock::LockAsk;
+use crate::store::remote::Remote;
 
 /// A result that is ready now, or a future that gives it later.
 pub enum Step<T> {
@@ -50,6 +68,36 @@ pub enum StoreError {
     /// An entry too large for the cache.
     #[error("{0}")]
     TooLarge(String),
+    /// LOCK in try mode found the lock held.
+    #[error("lock `{0}` is held")]
+    Locked(String),
+    /// LOCK waited its whole wait without a grant.
+    #[error("lock `{key}` not granted within {} ms", wait.as_millis())]
+    LockTimeout {
+        /// The lock key.
+        key: String,
+        /// The wait it was given.
+        wait: Duration,
+    },
+    /// Shutdown began while the LOCK waited.
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    /// A limit of the lock table (SCALED_MAX_LOCKS, SCALED_MAX_WAITERS) refused the LOCK; it had no
+    /// effect.
+    #[error("{0}")]
+    Overloaded(String),
+    /// Redis, which the step needs, cannot be reached or did not answer in time.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A value in Redis failed its checksum; it is not served.
+    #[error("{0}")]
+    Corrupted(String),
+    /// UNLOCK or EXTEND with the owner token of a lock that was lost without its holder letting go.
+    #[error("{0}")]
+    LockLost(String),
+    /// Something that should not happen (an unexpected answer from Redis, a dropped wait).
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl From<CacheError> for StoreError {
@@ -65,17 +113,47 @@ pub struct Store {
     /// The local lock table: the whole lock state standalone; with Redis, this host's queue in front
     /// of the shared lock.
     pub locks: Arc<LockTable>,
+    /// Redis, when REDIS_URL is set; `None` standalone, where every step is ready at once.
+    pub remote: Option<Arc<Remote>>,
+    /// Writes of each key in flight to Redis, so later requests on the key wait for them.
+    chains: Arc<Chains>,
 }
 
 impl Store {
-    /// A standalone store over this cache and lock table.
-    pub fn new(cache: Arc<SessionCache>, locks: Arc<LockTable>) -> Store {
-        Store { cache, locks }
+    /// A store over this cache and lock table, with Redis behind them when `remote` is given.
+    /// With Redis, starts the task that follows its health (must run inside a tokio runtime).
+    pub fn new(cache: Arc<SessionCache>, locks: Arc<LockTable>, remote: Option<Remote>) -> Store {
+        let remote = remote.map(Arc::new);
+        if let Some(remote) = &remote {
+            tokio::spawn(degraded::watch(remote.clone(), locks.clone()));
+        }
+        Store {
+            cache,
+            locks,
+            remote,
+            chains: Arc::default(),
+        }
+    }
+
+    /// Whether Redis is configured and unreachable now: an answer made now without Redis is
+    /// degraded.
+    pub fn degraded(&self) -> bool {
+        self.remote.as_ref().is_some_and(|r| !r.available())
     }
 
     /// The value under `key`, if any.
     pub fn get(&self, key: &str, now: Instant) -> Step<Result<Option<Bytes>, StoreError>> {
-        Step::Ready(Ok(self.cache.get(key, now)))
+        let Some(remote) = &self.remote else {
+            return Step::Ready(Ok(self.cache.get(key, now)));
+        };
+        // Every GET reads Redis: coherent across hosts whatever they wrote. It reads after the
+        // writes of the key sent before it have finished.
+        let after = self.chains.read(key);
+        let (remote, key) = (remote.clone(), key.to_string());
+        Step::Later(Box::pin(async move {
+            after.wait().await;
+            remote.get(&key).await
+        }))
     }
 
     /// Stores `value` under `key` for `ttl` (`None`: never expires); with a fence, only if the fence's
@@ -88,6 +166,17 @@ impl Store {
         fence: Option<Fence>,
         now: Instant,
     ) -> Step<Result<(), StoreError>> {
+        if let Some(remote) = &self.remote {
+            let (remote, key) = (remote.clone(), key.to_string());
+            let fence = fence.map(|f| (f.lock, f.token));
+            let (after, link) = self.chains.write(&key);
+            return Step::Later(Box::pin(async move {
+                after.wait().await;
+                let written = remote.set(&key, value, ttl, fence).await;
+                drop(link);
+                written
+            }));
+        }
         // A TTL too long to add to the clock is as good as none.
         let expires_at = ttl.and_then(|t| now.checked_add(t));
         let write = || self.cache.set(key, value, expires_at, now);
@@ -110,6 +199,17 @@ impl Store {
         fence: Option<Fence>,
         now: Instant,
     ) -> Step<Result<bool, StoreError>> {
+        if let Some(remote) = &self.remote {
+            let (remote, key) = (remote.clone(), key.to_string());
+            let fence = fence.map(|f| (f.lock, f.token));
+            let (after, link) = self.chains.write(&key);
+            return Step::Later(Box::pin(async move {
+                after.wait().await;
+                let removed = remote.del(&key, fence).await;
+                drop(link);
+                removed
+            }));
+        }
         let remove = || self.cache.remove(key, now);
         Step::Ready(match fence {
             None => Ok(remove()),
@@ -120,9 +220,62 @@ impl Store {
         })
     }
 
+    /// Takes a lock, waits for it in FIFO order, or refuses at once in try mode.
+    pub fn lock(&self, ask: LockAsk, now: Instant) -> Step<Result<Marked<Grant>, StoreError>> {
+        match &self.remote {
+            None => lock::local(&self.locks, ask, now).map(|r| r.map(Marked::plain)),
+            Some(remote) => lock::remote(&self.locks, remote, ask, now),
+        }
+    }
+
     /// Releases `key` if `token` holds it, handing it to the next waiter.
-    pub fn unlock(&self, key: &str, token: &str, now: Instant) -> Step<Status> {
-        Step::Ready(self.locks.release(key, token, now))
+    pub fn unlock(
+        &self,
+        key: &str,
+        token: &str,
+        now: Instant,
+    ) -> Step<Result<Marked<Status>, StoreError>> {
+        let Some(remote) = &self.remote else {
+            return Step::Ready(Ok(Marked::plain(self.locks.release(key, token, now))));
+        };
+        if remote.degraded.is_lost(key, token) {
+            return Step::Ready(Err(lost(key)));
+        }
+        if remote.degraded.forget_local(key, token) {
+            // Granted here while Redis was away and not adopted yet: Redis has no part in it. (An
+            // acquire that timed out just before may still have landed there: let that go too.)
+            let status = self.locks.release(key, token, now);
+            remote.release_later(key.to_string(), token.to_string(), MAX_LEASE);
+            return Step::Ready(Ok(Marked::degraded(status)));
+        }
+        let (remote, locks) = (remote.clone(), self.locks.clone());
+        let (key, token) = (key.to_string(), token.to_string());
+        Step::Later(Box::pin(async move {
+            // Redis first: once released there, another host may be granted it; then the local
+            // table hands it to this host's next waiter, who asks Redis in turn.
+            let released = match remote.link.release(&key, &token).await {
+                Ok(released) => released,
+                Err(LinkError::Unavailable(_)) => {
+                    // Degraded: act on this daemon's record; the release in Redis waits for it.
+                    let status = locks.release(&key, &token, Instant::now());
+                    if status == Status::Ok {
+                        remote.release_later(key, token, MAX_LEASE);
+                    }
+                    return Ok(Marked::degraded(status));
+                }
+                Err(e) => return Err(remote.store_error(e)),
+            };
+            if remote.degraded.is_lost(&key, &token) {
+                return Err(lost(&key));
+            }
+            let local = locks.release(&key, &token, Instant::now());
+            Ok(Marked::plain(match (released, local) {
+                (Compare::Done, _) => Status::Ok,
+                // Held here but not in Redis: its lease ended there.
+                (_, Status::Ok) => Status::Expired,
+                (_, local) => local,
+            }))
+        }))
     }
 
     /// Renews the lease of `token` on `key` (`None`: the lease it has); answers the status and the
@@ -133,7 +286,89 @@ impl Store {
         token: &str,
         lease: Option<Duration>,
         now: Instant,
-    ) -> Step<(Status, Duration)> {
-        Step::Ready(self.locks.extend(key, token, lease, now))
+    ) -> Step<Result<Marked<(Status, Duration)>, StoreError>> {
+        if let Some(remote) = &self.remote {
+            if remote.degraded.is_lost(key, token) {
+                return Step::Ready(Err(lost(key)));
+            }
+        }
+        let local = self.locks.extend(key, token, lease, now);
+        let Some(remote) = &self.remote else {
+            return Step::Ready(Ok(Marked::plain(local)));
+        };
+        if local.0 != Status::Ok {
+            return Step::Ready(Ok(Marked::plain(local)));
+        }
+        if remote.degraded.is_local(key, token) {
+            // Granted here while Redis was away: adopted later with the lease it has then.
+            remote.degraded.extended_locally(key, token, local.1);
+            return Step::Ready(Ok(Marked::degraded(local)));
+        }
+        let (remote, locks) = (remote.clone(), self.locks.clone());
+        let (key, token) = (key.to_string(), token.to_string());
+        Step::Later(Box::pin(async move {
+            let extended = match remote
+                .link
+                .extend(&key, &token, Remote::redis_lease(local.1))
+                .await
+            {
+                Ok(extended) => extended,
+                // Degraded: the lease is renewed on this daemon's record only.
+                Err(LinkError::Unavailable(_)) => return Ok(Marked::degraded(local)),
+                Err(e) => return Err(remote.store_error(e)),
+            };
+            if extended == Compare::Done {
+                return Ok(Marked::plain(local));
+            }
+            if remote.degraded.is_lost(&key, &token) {
+                return Err(lost(&key));
+            }
+            // Redis let it go (its lease ended there, or another host holds it): so does this host.
+            locks.release(&key, &token, Instant::now());
+            Ok(Marked::plain((Status::Expired, Duration::ZERO)))
+        }))
+    }
+
+    /// Releases every lock connection `conn` holds, here and (in the background) in Redis. Cancel
+    /// the connection's `alive` token first.
+    pub fn release_connection(&self, conn: u64, now: Instant) {
+        let sink = self.remote.as_ref().map(|remote| {
+            let remote = remote.clone();
+            let sink: crate::locks::ReleaseSink = Arc::new(move |key: &str, token: &str| {
+                remote.release_later(key.to_string(), token.to_string(), MAX_LEASE);
+            });
+            sink
+        });
+        self.locks.release_connection_to(conn, now, sink);
+    }
+
+    /// At shutdown: waits until the releases queued for Redis are done, at most `limit`, and closes
+    /// the link.
+    pub async fn finish(&self, limit: Duration) {
+        if let Some(remote) = &self.remote {
+            if !remote.releaser.drain(limit).await {
+                tracing::warn!("some locks could not be released in Redis before exit");
+            }
+            remote.link.close();
+        }
+    }
+
+    /// Whether Redis is configured, and whether it is reachable now.
+    pub fn redis_health(&self) -> (bool, bool) {
+        match &self.remote {
+            None => (false, false),
+            Some(remote) => (true, remote.available()),
+        }
     }
 }
+
+/// The refusal of UNLOCK or EXTEND with the token of a lock that was lost.
+fn lost(key: &str) -> StoreError {
+    StoreError::LockLost(format!(
+        "the lock `{key}` was lost: its lease could not be kept in Redis, and another holder may have it"
+    ))
+}
+
+/// The longest lease a LOCK may ask for (a day): how long a release in Redis is worth retrying when
+/// the lease it was taken with is not known.
+const MAX_LEASE: Duration = Duration::from_secs(86_400);

@@ -1,8 +1,11 @@
 //! Shared helpers for the integration tests: start the real `scaled` binary on a socket in a fresh
-//! temporary directory, connect to it as a client would, and clean up.
+//! temporary directory, connect to it as a client would, and clean up. [`redis_server`] starts real
+//! `redis-server` processes, and [`daemon_group`] several daemons sharing one of them.
 #![allow(dead_code)]
 
+pub mod daemon_group;
 pub mod probe;
+pub mod redis_server;
 pub mod watch;
 
 use std::path::PathBuf;
@@ -20,32 +23,39 @@ use scaled_client::{Client, Endpoint};
 /// How long a test waits for the daemon to come up or go down before failing.
 pub const STARTUP_LIMIT: Duration = Duration::from_secs(20);
 
-/// Environment variables the daemon reads, cleared so the caller's environment cannot change a test.
-const DAEMON_ENV: &[&str] = &[
-    "SCALED_SOCKET",
-    "SCALED_SOCKET_MODE",
-    "SCALED_TCP",
-    "SCALED_TCP_ALLOW_REMOTE",
-    "CACHE_SIZE",
-    "CACHE_MAX_BYTES",
-    "CACHE_TTL",
-    "CACHE_SHARDS",
-    "LOCK_TIMEOUT",
-    "LOCK_RETRY_DELAY",
-    "LOCK_MAX_RETRIES",
-    "REDIS_URL",
-    "REDIS_MAX_CONNECTIONS",
-    "SCALED_MAX_CONNECTIONS",
-    "SCALED_MAX_IN_FLIGHT",
-    "SCALED_MAX_LOCKS",
-    "SCALED_MAX_WAITERS",
-    "SCALED_SHUTDOWN_TIMEOUT",
-    "SCALED_WORKER_THREADS",
-    "SCALED_LOG",
-    "SCALED_LOG_FORMAT",
-    "SCALED_METRICS",
-    "SCALED_METRICS_ALLOW_REMOTE",
-];
+/// Prefixes of the environment variables the daemon and scalectl read. Every variable under them is
+/// cleared from a spawned process, so neither the caller's environment nor a setting added later can
+/// change what a test sees; a list of names would go stale as settings are added.
+const SETTING_PREFIXES: &[&str] = &["SCALED_", "REDIS_", "CACHE_", "LOCK_"];
+
+/// Removes from `cmd`'s environment every variable whose name starts with one of
+/// [`SETTING_PREFIXES`], as found in this process's environment now.
+pub fn clear_settings(cmd: &mut Command) -> &mut Command {
+    for (name, _) in std::env::vars_os() {
+        let is_setting = name
+            .to_str()
+            .is_some_and(|n| SETTING_PREFIXES.iter().any(|p| n.starts_with(p)));
+        if is_setting {
+            cmd.env_remove(&name);
+        }
+    }
+    cmd
+}
+
+/// The `scaled` binary, not yet started, with every setting variable cleared: the one way tests
+/// spawn the daemon.
+pub fn scaled_command() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_scaled"));
+    clear_settings(&mut cmd);
+    cmd
+}
+
+/// The `scalectl` binary, not yet started, with every setting variable cleared.
+pub fn scalectl_command() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_scalectl"));
+    clear_settings(&mut cmd);
+    cmd
+}
 
 /// A running daemon, killed when dropped.
 pub struct TestDaemon {
@@ -64,15 +74,19 @@ impl TestDaemon {
     pub fn start_logging_to(extra: &[&str], stderr: impl Into<Stdio>) -> TestDaemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("scaled.sock");
-        let command = Command::new(env!("CARGO_BIN_EXE_scaled"));
-        TestDaemon::spawn(command, socket, dir, extra, stderr.into())
+        TestDaemon::spawn(scaled_command(), socket, dir, extra, stderr.into())
     }
 
     /// Starts the daemon on `socket` (its directory need not exist yet).
     pub fn start_at(socket: &std::path::Path, extra: &[&str]) -> TestDaemon {
         let dir = tempfile::tempdir().expect("temp dir");
-        let command = Command::new(env!("CARGO_BIN_EXE_scaled"));
-        TestDaemon::spawn(command, socket.to_path_buf(), dir, extra, Stdio::inherit())
+        TestDaemon::spawn(
+            scaled_command(),
+            socket.to_path_buf(),
+            dir,
+            extra,
+            Stdio::inherit(),
+        )
     }
 
     /// Starts the daemon through `sh -c SCRIPT`, where the script ends with `exec "$0" "$@"` (for
@@ -81,6 +95,7 @@ impl TestDaemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("scaled.sock");
         let mut command = Command::new("sh");
+        clear_settings(&mut command);
         command
             .arg("-c")
             .arg(script)
@@ -95,9 +110,6 @@ impl TestDaemon {
         extra: &[&str],
         stderr: Stdio,
     ) -> TestDaemon {
-        for var in DAEMON_ENV {
-            cmd.env_remove(var);
-        }
         let child = cmd
             .arg("--socket")
             .arg(&socket)
@@ -106,14 +118,22 @@ impl TestDaemon {
             .stderr(stderr)
             .spawn()
             .expect("spawn scaled");
-        let daemon = TestDaemon { child, socket, dir };
+        let mut daemon = TestDaemon { child, socket, dir };
         daemon.wait_until_serving();
         daemon
     }
 
-    fn wait_until_serving(&self) {
+    /// Waits until the daemon accepts connections on its socket; fails the test, with the exit
+    /// status, if it exits first, or after [`STARTUP_LIMIT`].
+    pub fn wait_until_serving(&mut self) {
         let deadline = Instant::now() + STARTUP_LIMIT;
         while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                panic!(
+                    "scaled exited with {status} before serving {:?}",
+                    self.socket
+                );
+            }
             assert!(
                 Instant::now() < deadline,
                 "scaled did not start serving {:?}",

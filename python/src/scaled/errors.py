@@ -86,7 +86,8 @@ class ServerError(ScaledError):
 
     def _init(self, error_code: str, message: str, request_id: Optional[str]) -> None:
         shown = f"{error_code}: {message}"
-        super().__init__(shown if request_id is None else f"{shown} (request {request_id})")
+        # Named, not super(): a subclass that is also a LockLost must not reach LockLost.__init__.
+        ScaledError.__init__(self, shown if request_id is None else f"{shown} (request {request_id})")
         #: The code as the daemon sent it: ``code``, except for an :class:`UnknownServerError`.
         self.error_code = error_code
         #: The daemon's sentence; it may change between versions, so do not parse it.
@@ -169,6 +170,28 @@ class FencedError(ServerError):
     code = "FENCED"
 
 
+class LockLostError(ServerError, LockLost):
+    """``LOCK_LOST`` (daemons with Redis only): UNLOCK or EXTEND named the token of a lock that was lost
+    without its holder letting go (a renewal in Redis failed, or another daemon was granted it while
+    Redis was away). Also a :class:`LockLost`, with ``status`` ``LOCK_LOST``, so code that handles a
+    lost lock handles this one too."""
+
+    code = "LOCK_LOST"
+
+    def __init__(self, message: str, request_id: Optional[str] = None) -> None:
+        super().__init__(message, request_id)
+        #: The daemon's error names the lock in its message only.
+        self.key = ""
+        self.status = "LOCK_LOST"
+
+
+class CorruptedError(ServerError):
+    """``CORRUPTED`` (daemons with Redis only): the value in Redis failed its checksum, or is not in the
+    daemon's format; it was not served. It stays until a SET or DEL replaces it."""
+
+    code = "CORRUPTED"
+
+
 class UnavailableError(ServerError):
     """``UNAVAILABLE``: a backend the command needs (Redis) cannot be reached."""
 
@@ -214,6 +237,8 @@ ERRORS_BY_CODE: dict[str, type[ServerError]] = {
         LockedError,
         LockTimeoutError,
         FencedError,
+        LockLostError,
+        CorruptedError,
         UnavailableError,
         InternalError,
         ConnectionTimedOutError,

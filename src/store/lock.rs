@@ -1,0 +1,332 @@
+//! LOCK through the store: a grant in two phases when Redis is configured.
+//!
+//! The local lock table is this host's FIFO queue. Standalone, its grant is the answer. With Redis, a
+//! local grant only makes the waiter this host's *candidate*: the candidate then runs the acquire
+//! script with its own owner token, and while the lock is held on another host waits for a release
+//! message (or, if one is lost, a jittered LOCK_RETRY_DELAY) and asks again, until the LOCK's wait
+//! ends. The grant the client gets carries Redis's fencing token, recorded in the local table too.
+//! Only the head of each host's queue asks Redis, so many local waiters cost one acquire at a time.
+//!
+//! While Redis is unreachable (the acquire fails with proof of it: refused, broken, timed out; a
+//! lock held on another host is not that), LOCK follows LOCK_FALLBACK: `local` keeps the local
+//! grant, with a fence above every token this daemon has seen, marked degraded and recorded for
+//! adoption once Redis is back (see [`crate::store::degraded`]); `fail` answers `UNAVAILABLE`.
+//!
+//! A candidate that stops (its wait ended, its connection closed, its future dropped) gives the local
+//! grant back, so the next local waiter gets its turn; if it had sent an acquire, whose answer it may
+//! never read, the release in Redis goes to the releaser as well.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::LockFallback;
+use crate::daemon::wall_clock_micros;
+use crate::locks::{Acquire, Grant, Limit, LockRequest, LockTable};
+use crate::redis::scripts::{Acquire as RedisAcquire, Compare};
+use crate::store::degraded::{LocalGrant, Marked};
+use crate::store::remote::Remote;
+use crate::store::{Step, StoreError};
+
+/// What a LOCK asks of the store, beyond the table's request.
+pub struct LockAsk {
+    /// The lock key.
+    pub key: String,
+    /// The table's request (connection, owner, lease, auto-renew, try mode).
+    pub request: LockRequest,
+    /// How long to wait for the grant; `None` in try mode.
+    pub wait: Option<Duration>,
+    /// Cancelled at shutdown: a waiting LOCK is answered SHUTTING_DOWN.
+    pub shutdown: CancellationToken,
+}
+
+/// The answer to a LOCK a limit of the lock table refused.
+fn refused(key: &str, limit: Limit) -> StoreError {
+    StoreError::Overloaded(match limit {
+        Limit::Records(max) => format!(
+            "the lock table is full: all {max} lock records (SCALED_MAX_LOCKS) are held or waited \
+             for; retry when some are released"
+        ),
+        Limit::Waiters(max) => {
+            format!("lock `{key}` already has {max} waiters (SCALED_MAX_WAITERS); retry later")
+        }
+    })
+}
+
+/// Takes the lock standalone: the local table's answer, as it always was.
+pub fn local(
+    locks: &Arc<LockTable>,
+    ask: LockAsk,
+    now: Instant,
+) -> Step<Result<Grant, StoreError>> {
+    let LockAsk {
+        key,
+        request,
+        wait,
+        shutdown,
+    } = ask;
+    match locks.acquire(&key, request, now) {
+        Acquire::Granted(grant) => Step::Ready(Ok(grant)),
+        Acquire::Busy => Step::Ready(Err(StoreError::Locked(key))),
+        Acquire::Refused(limit) => Step::Ready(Err(refused(&key, limit))),
+        Acquire::Queued(mut ticket) => {
+            let wait = wait.unwrap_or_default();
+            Step::Later(Box::pin(async move {
+                // Dropping the ticket on any branch but the grant leaves the queue, and gives back a
+                // grant that raced with the timeout.
+                tokio::select! {
+                    grant = ticket.granted() => grant.ok_or_else(|| StoreError::Internal("the wait was dropped".into())),
+                    _ = tokio::time::sleep(wait) => {
+                        ticket.time_out();
+                        Err(StoreError::LockTimeout { key, wait })
+                    }
+                    _ = shutdown.cancelled() => Err(StoreError::ShuttingDown),
+                }
+            }))
+        }
+    }
+}
+
+/// Takes the lock in Redis, with the local table as this host's queue in front.
+pub fn remote(
+    locks: &Arc<LockTable>,
+    remote: &Arc<Remote>,
+    ask: LockAsk,
+    now: Instant,
+) -> Step<Result<Marked<Grant>, StoreError>> {
+    let LockAsk {
+        key,
+        request,
+        wait,
+        shutdown,
+    } = ask;
+    let lease = request.lease;
+    let alive = request.alive.clone();
+    let try_only = request.try_only;
+    let auto_renew = request.auto_renew;
+    let local = locks.acquire(&key, request, now);
+    let locks = locks.clone();
+    let remote = remote.clone();
+    Step::Later(Box::pin(async move {
+        let deadline = now + wait.unwrap_or_default();
+        let grant = match local {
+            Acquire::Granted(grant) => grant,
+            Acquire::Busy => return Err(StoreError::Locked(key)),
+            Acquire::Refused(limit) => return Err(refused(&key, limit)),
+            Acquire::Queued(mut ticket) => {
+                tokio::select! {
+                    grant = ticket.granted() => grant.ok_or_else(|| StoreError::Internal("the wait was dropped".into()))?,
+                    _ = tokio::time::sleep_until(deadline) => {
+                        ticket.time_out();
+                        return Err(StoreError::LockTimeout { key, wait: wait.unwrap_or_default() });
+                    }
+                    _ = shutdown.cancelled() => return Err(StoreError::ShuttingDown),
+                }
+            }
+        };
+        let mut candidate = Candidate {
+            locks,
+            remote,
+            key,
+            grant,
+            lease,
+            asked: false,
+            confirmed: false,
+        };
+        let outcome = candidate
+            .confirm(try_only, deadline, wait, &shutdown, &alive)
+            .await;
+        let degraded = match outcome {
+            Ok(()) => {
+                if auto_renew {
+                    let (key, token) = (candidate.key.clone(), candidate.grant.token.clone());
+                    tokio::spawn(renew(
+                        candidate.locks.clone(),
+                        candidate.remote.clone(),
+                        key,
+                        token,
+                        lease,
+                    ));
+                }
+                false
+            }
+            Err(StoreError::Unavailable(_)) if candidate.remote.fallback == LockFallback::Local => {
+                candidate.grant_locally(auto_renew, wait)?;
+                true
+            }
+            Err(e) => return Err(e),
+        };
+        candidate.confirmed = true;
+        let mut grant = candidate.grant.clone();
+        grant.waited_us = now.elapsed().as_micros() as u64;
+        Ok(Marked {
+            value: grant,
+            degraded,
+        })
+    }))
+}
+
+/// Keeps an auto-renew lock in Redis for as long as the local table says its holder holds it,
+/// renewing every third of the lease. A renewal Redis refuses (the lease ended there, or another host
+/// holds the lock) means the lock is lost: it is counted, logged and released here too, and its token
+/// answers `LOCK_LOST`. A renewal that finds Redis unreachable is tried again at the next third.
+pub(crate) async fn renew(
+    locks: Arc<LockTable>,
+    remote: Arc<Remote>,
+    key: String,
+    token: String,
+    lease: Duration,
+) {
+    let every = (lease / 3).max(Duration::from_millis(1));
+    loop {
+        tokio::time::sleep(every).await;
+        if !locks.holds(&key, &token) {
+            return;
+        }
+        match remote
+            .link
+            .extend(&key, &token, Remote::redis_lease(lease))
+            .await
+        {
+            Ok(Compare::Done) | Err(_) => {}
+            Ok(lost) => {
+                remote
+                    .counters
+                    .renewals_failed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let why = format!("an auto-renewal failed in Redis ({lost:?})");
+                remote.degraded.lose(&locks, &key, &token, &why);
+                return;
+            }
+        }
+    }
+}
+
+/// This host's candidate for a lock: granted locally, not yet (or just) in Redis.
+struct Candidate {
+    locks: Arc<LockTable>,
+    remote: Arc<Remote>,
+    key: String,
+    /// The local grant; its fence becomes Redis's once confirmed.
+    grant: Grant,
+    /// The lease asked for.
+    lease: Duration,
+    /// Whether an acquire was sent to Redis, which may have succeeded there.
+    asked: bool,
+    /// Whether the client is getting the grant; until then, dropping gives it back.
+    confirmed: bool,
+}
+
+impl Candidate {
+    /// LOCK_FALLBACK=local with Redis unreachable: keeps the local grant, with a fence above every
+    /// token this daemon has seen or issued and at least its clock in microseconds, noted so Redis's
+    /// own tokens are raised above it when it is back; recorded for adoption then.
+    fn grant_locally(
+        &mut self,
+        auto_renew: bool,
+        wait: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        let link = &self.remote.link;
+        let fence = link
+            .fence_floor()
+            .saturating_add(1)
+            .max(wall_clock_micros());
+        if !self.locks.set_fence(&self.key, &self.grant.token, fence) {
+            // The local lease ended while Redis was asked.
+            return Err(StoreError::LockTimeout {
+                key: self.key.clone(),
+                wait: wait.unwrap_or_default(),
+            });
+        }
+        link.note_fence(fence);
+        self.grant.fence = fence;
+        self.remote.degraded.granted_locally(
+            &self.key,
+            &self.grant.token,
+            LocalGrant {
+                lease: self.lease,
+                fence,
+                auto_renew,
+            },
+        );
+        Ok(())
+    }
+
+    /// Asks Redis until granted, refused (try mode), out of time, or stopped.
+    async fn confirm(
+        &mut self,
+        try_only: bool,
+        deadline: Instant,
+        wait: Option<Duration>,
+        shutdown: &CancellationToken,
+        alive: &CancellationToken,
+    ) -> Result<(), StoreError> {
+        let redis_lease = Remote::redis_lease(self.lease);
+        loop {
+            // Watch before asking, so a release published while the acquire runs is not missed.
+            let mut watch = self.remote.wakeups.watch(&self.key);
+            self.asked = true;
+            let answer = self
+                .remote
+                .link
+                .acquire(&self.key, &self.grant.token, redis_lease)
+                .await
+                .map_err(|e| self.remote.store_error(e))?;
+            let lease_left = match answer {
+                RedisAcquire::Granted { fence, .. } => {
+                    if !self.locks.set_fence(&self.key, &self.grant.token, fence) {
+                        // The local lease ended while Redis was asked: give Redis's grant back.
+                        return Err(StoreError::LockTimeout {
+                            key: self.key.clone(),
+                            wait: wait.unwrap_or_default(),
+                        });
+                    }
+                    self.grant.fence = fence;
+                    return Ok(());
+                }
+                RedisAcquire::Held { lease_left, .. } => lease_left,
+            };
+            if try_only {
+                return Err(StoreError::Locked(self.key.clone()));
+            }
+            // No later than the holder's lease ends; jittered so hosts do not ask in step.
+            let retry = self
+                .remote
+                .retry_delay
+                .mul_f64(0.5 + fastrand::f64())
+                .min(lease_left.unwrap_or(Duration::MAX));
+            let released = async {
+                match watch.as_mut() {
+                    Some(w) => w.released().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = released => {}
+                _ = tokio::time::sleep(retry) => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(StoreError::LockTimeout { key: self.key.clone(), wait: wait.unwrap_or_default() });
+                }
+                _ = shutdown.cancelled() => return Err(StoreError::ShuttingDown),
+                _ = alive.cancelled() => return Err(StoreError::Internal("the connection closed".into())),
+            }
+        }
+    }
+}
+
+impl Drop for Candidate {
+    fn drop(&mut self) {
+        if self.confirmed {
+            return;
+        }
+        // Give the local turn to the next waiter, and the Redis grant, if any, back to everyone.
+        self.locks
+            .release(&self.key, &self.grant.token, Instant::now());
+        if self.asked {
+            self.remote
+                .release_later(self.key.clone(), self.grant.token.clone(), self.lease);
+        }
+    }
+}
