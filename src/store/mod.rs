@@ -11,11 +11,13 @@
 //! in a Redis script) depends on the tier.
 //!
 //! - [`chain`]: per-key order of the requests that wait on Redis.
+//! - [`flight`]: single flight, concurrent GETs of a key sharing one Redis read.
 //! - [`lock`]: LOCK, standalone and in two phases with Redis.
 //! - [`remote`]: the Redis tier (write-through, reads, the link's helpers).
 //! - [`release`]: the background releaser for releases seen where nobody can await Redis.
 
 pub mod chain;
+pub mod flight;
 pub mod lock;
 pub mod release;
 pub mod remote;
@@ -127,10 +129,15 @@ impl Store {
         // Every GET reads Redis: coherent across hosts whatever they wrote. It reads after the
         // writes of the key sent before it have finished.
         let after = self.chains.read(key);
-        let (remote, key) = (remote.clone(), key.to_string());
+        let (remote, flights, key) = (remote.clone(), self.chains.flights.clone(), key.to_string());
         Step::Later(Box::pin(async move {
             after.wait().await;
-            remote.get(&key).await
+            // Concurrent GETs of the key share one read (single flight).
+            let read = flights.read(&key, || {
+                let key = key.clone();
+                async move { remote.get(&key).await }
+            });
+            read.await
         }))
     }
 
@@ -202,7 +209,16 @@ impl Store {
     pub fn lock(&self, ask: LockAsk, now: Instant) -> Step<Result<Grant, StoreError>> {
         match &self.remote {
             None => lock::local(&self.locks, ask, now),
-            Some(remote) => lock::remote(&self.locks, remote, ask, now),
+            Some(remote) => {
+                // The read barrier: GETs under this grant do not share a read begun before it.
+                let flights = self.chains.flights.clone();
+                lock::remote(&self.locks, remote, ask, now).map(move |granted| {
+                    if granted.is_ok() {
+                        flights.advance();
+                    }
+                    granted
+                })
+            }
         }
     }
 
