@@ -51,5 +51,6 @@ pub fn run(daemon: &Arc<Daemon>, peer: &Peer, mut args: Args, now: Instant) -> O
         Step::Ready(result) => Outcome::Done(result),
         // Waits on other clients (or another host's holder), so it counts as a waiting request.
         Step::Later(pending) => Outcome::Later(pending),
+        Step::Remote(pending) => Outcome::Remote(pending),
     }
 }

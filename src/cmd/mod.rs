@@ -153,8 +153,12 @@ pub type Pending = Pin<Box<dyn Future<Output = CommandResult> + Send + 'static>>
 pub enum Outcome {
     /// Answered without waiting.
     Done(CommandResult),
-    /// Answered when the future completes.
+    /// Answered when the future completes; waits on other clients or on time, so it counts toward
+    /// SCALED_MAX_IN_FLIGHT.
     Later(Pending),
+    /// Answered when the future completes; waits only on Redis, so it counts toward
+    /// REDIS_MAX_PENDING instead.
+    Remote(Pending),
 }
 
 impl From<CommandResult> for Outcome {
@@ -168,6 +172,7 @@ impl From<Step<CommandResult>> for Outcome {
         match step {
             Step::Ready(r) => Outcome::Done(r),
             Step::Later(pending) => Outcome::Later(pending),
+            Step::Remote(pending) => Outcome::Remote(pending),
         }
     }
 }
