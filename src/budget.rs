@@ -1,5 +1,6 @@
 //! Daemon-wide budgets that per-connection limits alone cannot give: the bytes of connection buffers
-//! beyond each connection's small base allowance, and the requests waiting across all connections.
+//! beyond each connection's small base allowance, the requests waiting across all connections, and
+//! the bytes of SET values waiting on Redis ([`Reservoir`]).
 //!
 //! Per-connection limits times the connection limit would allow far more memory than a host can
 //! spare (10 000 connections each holding a 2 MiB frame is 20 GiB), so anything a connection holds
@@ -100,6 +101,63 @@ impl Drop for Slot {
     }
 }
 
+/// A byte budget that requests wait for instead of being refused: the values of SETs waiting on Redis
+/// (REDIS_MAX_PENDING_BYTES). A connection whose next SET does not fit stops taking requests until
+/// enough of the charges held elsewhere are dropped; each drop wakes those connections.
+pub struct Reservoir {
+    /// The bytes charged and the limit.
+    budget: Budget,
+    /// Woken whenever bytes are given back.
+    freed: tokio::sync::Notify,
+}
+
+impl Reservoir {
+    /// A reservoir of `limit` bytes, none charged.
+    pub fn new(limit: usize) -> Reservoir {
+        Reservoir {
+            budget: Budget::new(limit),
+            freed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Charges `n` bytes (at most the whole limit, so that any charge fits once alone) if they fit
+    /// now.
+    pub fn try_charge(self: &Arc<Self>, n: usize) -> Option<Held> {
+        let n = n.min(self.budget.limit());
+        self.budget.try_charge(n).then(|| Held(self.clone(), n))
+    }
+
+    /// Charges `n` bytes, waiting until they fit. Cancel-safe: nothing is charged until it returns.
+    pub async fn charge(self: &Arc<Self>, n: usize) -> Held {
+        loop {
+            // Registered before the check, so bytes given back between the two are not missed.
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(held) = self.try_charge(n) {
+                return held;
+            }
+            freed.await;
+        }
+    }
+
+    /// Bytes charged now.
+    pub fn used(&self) -> usize {
+        self.budget.used()
+    }
+}
+
+/// Bytes held from a [`Reservoir`], given back (and the waiters woken) when dropped, also when the
+/// request holding them is cancelled.
+pub struct Held(Arc<Reservoir>, usize);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.budget.release(self.1);
+        self.0.freed.notify_waiters();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,5 +180,25 @@ mod tests {
         assert!(Slot::take(&one).is_none());
         drop(slot);
         assert!(Slot::take(&one).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_reservoir_charge_waits_until_bytes_are_given_back() {
+        let pool = Arc::new(Reservoir::new(100));
+        let first = pool.try_charge(70).expect("fits");
+        assert!(pool.try_charge(50).is_none());
+        let waiter = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.charge(50).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "charged past the limit");
+        drop(first);
+        let second = waiter.await.expect("charged once freed");
+        assert_eq!(pool.used(), 50);
+        drop(second);
+        let all = pool.try_charge(1000).expect("clamped to the limit");
+        assert_eq!(pool.used(), 100);
+        drop(all);
     }
 }

@@ -16,6 +16,12 @@
 //!   [`BACKLOG`] bytes; an answer that would take the buffer past its base size is charged to the
 //!   budget too, and replaced by `OVERLOADED` if it does not fit (only answers without side effects are
 //!   large: GET, STATS, LOCKS).
+//! - **Requests waiting on Redis** (proto-spec.md, "Requests waiting on Redis") are counted apart
+//!   from those waiting on other clients or on time: they never count toward SCALED_MAX_IN_FLIGHT and
+//!   are never refused for their number. At REDIS_MAX_PENDING of them the connection takes no new
+//!   request until one finishes, and a SET whose value does not fit the daemon-wide
+//!   REDIS_MAX_PENDING_BYTES waits, taken but not run, until it does; meanwhile the connection reads
+//!   at most [`BASE`] bytes further, as when its answers back up, so it still sees the client go.
 //! - **Work per wake-up** is at most [`BATCH`] requests; then the task yields, so one connection with a
 //!   2 MiB read of tiny requests cannot hold a worker thread from the others.
 //! - **Time**: HELLO, a begun frame, reading the answers, and doing nothing at all each have a timeout.
@@ -24,6 +30,7 @@
 //! locks are released at once, before any answers still unwritten are flushed; dropping the `JoinSet`
 //! cancels every request still waiting.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,10 +43,10 @@ use tracing::Instrument;
 use scaled_client::frame::{begin_frame, finish_frame, missing, take_frame};
 use scaled_client::proto::{
     decode_request, write_degraded_response_head, write_err, write_ok_key, write_response_head,
-    ErrorCode, MAX_FRAME_LEN,
+    CommandName, ErrorCode, Request, MAX_FRAME_LEN,
 };
 
-use crate::budget::{Charge, Slot};
+use crate::budget::{Charge, Held, Slot};
 use crate::cmd::{self, Answer, CommandError, Outcome, Peer, Reply};
 use crate::config::Config;
 use crate::context::RequestContext;
@@ -65,6 +72,82 @@ static REFUSED: Throttle = Throttle::new();
 /// What a request that waits is: its context and the answer it finishes with.
 type Waiting = JoinSet<(RequestContext, Answer)>;
 
+/// The requests of one connection that wait, and the limits on them.
+struct Waits {
+    /// Every request that finishes later, each answered when it does; dropping it cancels them.
+    set: Waiting,
+    /// How many of them wait only on Redis. Each such request holds a [`RemoteCount`] and drops it
+    /// when it ends, finished or cancelled, so the count stays right whatever ends them.
+    remote: Arc<AtomicUsize>,
+    /// SCALED_MAX_IN_FLIGHT: most requests waiting on other clients or on time.
+    max_in_flight: usize,
+    /// REDIS_MAX_PENDING: at this many requests waiting on Redis, no new request is taken.
+    max_remote: usize,
+    /// A SET taken off the connection whose value does not fit REDIS_MAX_PENDING_BYTES yet, and when
+    /// its frame was taken. It runs once enough pending values finish; nothing after it is taken
+    /// before, which keeps the connection's order.
+    parked: Option<(Request, Instant)>,
+}
+
+impl Waits {
+    fn new(config: &Config) -> Waits {
+        Waits {
+            set: JoinSet::new(),
+            remote: Arc::default(),
+            max_in_flight: usize::try_from(config.max_in_flight).unwrap_or(usize::MAX),
+            max_remote: usize::try_from(config.redis_max_pending).unwrap_or(usize::MAX),
+            parked: None,
+        }
+    }
+
+    /// Whether the connection must take no new request: REDIS_MAX_PENDING requests wait on Redis,
+    /// or a SET waits for room in REDIS_MAX_PENDING_BYTES.
+    fn paused(&self) -> bool {
+        self.parked.is_some() || self.remote.load(Ordering::Acquire) >= self.max_remote
+    }
+
+    /// Requests waiting on other clients or on time: what SCALED_MAX_IN_FLIGHT bounds.
+    fn in_flight(&self) -> usize {
+        self.set
+            .len()
+            .saturating_sub(self.remote.load(Ordering::Acquire))
+    }
+
+    /// The value bytes of the parked SET (0 without one).
+    fn parked_bytes(&self) -> usize {
+        self.parked
+            .as_ref()
+            .map_or(0, |(r, _)| r.args.value.as_ref().map_or(0, Vec::len))
+    }
+
+    /// Whether nothing waits, parked or running.
+    fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.parked.is_none()
+    }
+
+    /// Cancels everything that waits: the connection is ending.
+    fn abort_all(&mut self) {
+        self.set.abort_all();
+        self.parked = None;
+    }
+}
+
+/// One request waiting on Redis, counted in its connection's [`Waits::remote`] while it lives.
+struct RemoteCount(Arc<AtomicUsize>);
+
+impl RemoteCount {
+    fn new(count: &Arc<AtomicUsize>) -> RemoteCount {
+        count.fetch_add(1, Ordering::AcqRel);
+        RemoteCount(count.clone())
+    }
+}
+
+impl Drop for RemoteCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Serves one connection until the peer closes it, it breaks, a timeout closes it, or shutdown drains
 /// it.
 pub async fn serve<R, W>(daemon: Arc<Daemon>, conn_id: u64, mut reader: R, mut writer: W)
@@ -80,8 +163,7 @@ where
     };
     let timeouts = Timeouts::new(&daemon.config);
     let mut bufs = Buffers::new();
-    let mut waiting: Waiting = JoinSet::new();
-    let max_in_flight = usize::try_from(daemon.config.max_in_flight).unwrap_or(usize::MAX);
+    let mut waits = Waits::new(&daemon.config);
     let opened = Instant::now();
     // The last time the client did something: a request read, or answers taken off the socket.
     let mut last_active = opened;
@@ -101,9 +183,13 @@ where
     loop {
         let backlogged = bufs.unwritten() >= BACKLOG;
         let mut more = false;
-        if reading && aside.is_none() && !backlogged && missing(&bufs.inbuf, MAX_FRAME_LEN) == 0 {
-            let waits = (&mut waiting, max_in_flight);
-            match drain_frames(&daemon, &mut peer, &mut bufs, waits) {
+        if reading
+            && aside.is_none()
+            && !backlogged
+            && !waits.paused()
+            && missing(&bufs.inbuf, MAX_FRAME_LEN) == 0
+        {
+            match drain_frames(&daemon, &mut peer, &mut bufs, &mut waits) {
                 Drained::AllThere => {}
                 Drained::More => more = true,
                 Drained::Aside(body, taken) => {
@@ -114,7 +200,7 @@ where
                 }
                 Drained::Broken => {
                     reading = false;
-                    waiting.abort_all();
+                    waits.abort_all();
                 }
             }
             // A frame was taken: whatever is left is a new frame, with its own time to finish.
@@ -131,11 +217,13 @@ where
         } else if write_stalled.is_none() {
             write_stalled = Some(Instant::now());
         }
-        if !reading && waiting.is_empty() && aside.is_none() && bufs.unwritten() == 0 {
+        // Taking no new request: its answers back up, or too much waits on Redis.
+        let held = backlogged || waits.paused();
+        if !reading && waits.is_empty() && aside.is_none() && bufs.unwritten() == 0 {
             break;
         }
         let idle = reading
-            && waiting.is_empty()
+            && waits.is_empty()
             && aside.is_none()
             && bufs.inbuf.is_empty()
             && bufs.unwritten() == 0;
@@ -143,7 +231,7 @@ where
             timeouts.hello.filter(|_| !peer.greeted).map(|t| opened + t),
             timeouts
                 .frame
-                .zip(frame_began.filter(|_| reading && !backlogged))
+                .zip(frame_began.filter(|_| reading && !held))
                 .map(|(t, at)| at + t),
             timeouts.write.zip(write_stalled).map(|(t, at)| at + t),
             timeouts.idle.filter(|_| idle).map(|t| last_active + t),
@@ -154,7 +242,7 @@ where
         // While answers pile up unread, or a large frame is decoded aside, read only a little more:
         // enough to see the client close or shut down its write side, never an unbounded backlog of
         // requests.
-        let taking = !backlogged && aside.is_none();
+        let taking = !held && aside.is_none();
         let may_read = reading && !more && (taking || bufs.inbuf.len() < BASE);
         if may_read {
             bufs.make_room();
@@ -163,16 +251,23 @@ where
             // The room for the frame being read does not fit the budget: refuse that frame.
             refuse_buffer(&mut bufs, conn_id);
             reading = false;
-            waiting.abort_all();
+            waits.abort_all();
             continue;
         }
 
+        let (parked, parked_bytes) = (waits.parked.is_some(), waits.parked_bytes());
         tokio::select! {
             // Answers of waiting requests go out first: they are the ones that have been waiting.
             biased;
-            Some(joined) = waiting.join_next(), if !waiting.is_empty() => {
+            Some(joined) = waits.set.join_next(), if !waits.set.is_empty() => {
                 if let Ok((ctx, result)) = joined {
                     respond(&daemon, &mut bufs, &ctx, result);
+                }
+            }
+            // A SET waiting for room among the values pending on Redis: its turn has come.
+            charge = daemon.pending_bytes.charge(parked_bytes), if parked => {
+                if let Some((request, taken)) = waits.parked.take() {
+                    dispatch_request(&daemon, &mut peer, &mut bufs, &mut waits, request, taken, Some(charge));
                 }
             }
             joined = join_aside(&mut aside), if aside.is_some() => {
@@ -181,13 +276,12 @@ where
                 last_active = Instant::now();
                 match joined {
                     Ok((decoded, taken)) => {
-                        let waits = (&mut waiting, max_in_flight);
-                        run_request(&daemon, &mut peer, &mut bufs, waits, decoded, taken);
+                        run_request(&daemon, &mut peer, &mut bufs, &mut waits, decoded, taken);
                     }
                     Err(e) => {
                         tracing::error!(conn = conn_id, error = %e, "decoding a frame failed; closing");
                         reading = false;
-                        waiting.abort_all();
+                        waits.abort_all();
                     }
                 }
             }
@@ -214,7 +308,7 @@ where
                     // and what still waits is cancelled. Frames it sent that were not yet run (it was
                     // not reading its answers) are not run.
                     departure.release();
-                    waiting.abort_all();
+                    waits.abort_all();
                     reading = false;
                     drop_aside(&mut aside, &mut bufs);
                     if missing(&bufs.inbuf, MAX_FRAME_LEN) > 0 && !bufs.inbuf.is_empty() {
@@ -252,7 +346,7 @@ where
                 respond_unmatched(&mut bufs.out, ErrorCode::Timeout, &format!("closing: {why}"));
                 departure.release();
                 reading = false;
-                waiting.abort_all();
+                waits.abort_all();
                 drop_aside(&mut aside, &mut bufs);
                 bufs.inbuf = BytesMut::new();
             }
@@ -442,11 +536,10 @@ fn drain_frames(
     daemon: &Arc<Daemon>,
     peer: &mut Peer,
     bufs: &mut Buffers,
-    waits: (&mut Waiting, usize),
+    waits: &mut Waits,
 ) -> Drained {
-    let (waiting, max_in_flight) = waits;
     for _ in 0..BATCH {
-        if bufs.unwritten() >= BACKLOG {
+        if bufs.unwritten() >= BACKLOG || waits.paused() {
             return Drained::AllThere;
         }
         let body = match take_frame(&mut bufs.inbuf, MAX_FRAME_LEN) {
@@ -464,14 +557,7 @@ fn drain_frames(
         }
         let decoded = decode_request(&body);
         drop(body);
-        run_request(
-            daemon,
-            peer,
-            bufs,
-            (&mut *waiting, max_in_flight),
-            decoded,
-            now,
-        );
+        run_request(daemon, peer, bufs, waits, decoded, now);
     }
     if missing(&bufs.inbuf, MAX_FRAME_LEN) == 0 {
         Drained::More
@@ -480,14 +566,13 @@ fn drain_frames(
     }
 }
 
-/// Runs one decoded request and appends its answer, or starts it waiting. A request that would wait
-/// while `max_in_flight` requests of this connection, or SCALED_MAX_WAITING of the whole daemon,
-/// already wait is answered `OVERLOADED` instead, which bounds what clients can park in the daemon.
+/// Runs one decoded request (see [`dispatch_request`]); a SET whose value does not fit the bytes
+/// pending on Redis now is parked in `waits` instead, to run when it fits.
 fn run_request(
     daemon: &Arc<Daemon>,
     peer: &mut Peer,
     bufs: &mut Buffers,
-    (waiting, max_in_flight): (&mut Waiting, usize),
+    waits: &mut Waits,
     decoded: Decoded,
     now: Instant,
 ) {
@@ -505,6 +590,37 @@ fn run_request(
             return;
         }
     };
+    // With Redis, a SET's value waits in memory until Redis has it: charged first, and the SET
+    // waits (parked) rather than passing REDIS_MAX_PENDING_BYTES. Standalone a SET never waits.
+    let value_len = match (&request.cmd, &request.args.value) {
+        (CommandName::Set, Some(value)) if daemon.store.remote.is_some() => Some(value.len()),
+        _ => None,
+    };
+    let charge = match value_len.map(|n| daemon.pending_bytes.try_charge(n)) {
+        None => None,
+        Some(Some(charge)) => Some(charge),
+        Some(None) => {
+            waits.parked = Some((request, now));
+            return;
+        }
+    };
+    dispatch_request(daemon, peer, bufs, waits, request, now, charge);
+}
+
+/// Runs one request and appends its answer, or starts it waiting. A request that would wait on other
+/// clients or on time while SCALED_MAX_IN_FLIGHT such requests of this connection, or
+/// SCALED_MAX_WAITING of the whole daemon, already wait is answered `OVERLOADED` instead, which bounds
+/// what clients can park in the daemon. A request that waits only on Redis is never refused: it is
+/// counted apart, and `charge` (its value's share of REDIS_MAX_PENDING_BYTES) goes with it.
+fn dispatch_request(
+    daemon: &Arc<Daemon>,
+    peer: &mut Peer,
+    bufs: &mut Buffers,
+    waits: &mut Waits,
+    request: Request,
+    now: Instant,
+    charge: Option<Held>,
+) {
     let ctx = RequestContext::begin(
         peer.conn_id,
         request.id,
@@ -520,9 +636,24 @@ fn run_request(
     let pending = match outcome {
         Outcome::Done(result) => return respond(daemon, bufs, &ctx, result),
         Outcome::Later(pending) => pending,
+        Outcome::Remote(pending) => {
+            // Bounded by the pause at REDIS_MAX_PENDING and by REDIS_RESPONSE_TIMEOUT, not refused.
+            let count = RemoteCount::new(&waits.remote);
+            let span = ctx.span.clone();
+            waits.set.spawn(
+                async move {
+                    let result = pending.await;
+                    drop((count, charge));
+                    (ctx, result)
+                }
+                .instrument(span),
+            );
+            return;
+        }
     };
+    let max_in_flight = waits.max_in_flight;
     // Dropping the future undoes it: a queued LOCK leaves its queue.
-    let slot = if waiting.len() >= max_in_flight {
+    let slot = if waits.in_flight() >= max_in_flight {
         Err(format!(
             "{max_in_flight} requests of this connection are already waiting; \
              retry when some finish, or use another connection"
@@ -545,7 +676,7 @@ fn run_request(
         Ok(slot) => {
             let span = ctx.span.clone();
             // The slot goes back when the future ends, finished or cancelled.
-            waiting.spawn(
+            waits.set.spawn(
                 async move {
                     let result = pending.await;
                     drop(slot);

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::budget::Budget;
+use crate::budget::{Budget, Reservoir};
 use crate::cache::{CacheLimits, SessionCache};
 use crate::config::Config;
 use crate::locks::LockTable;
@@ -33,6 +33,10 @@ pub struct Daemon {
     /// Requests waiting to finish, across all connections (SCALED_MAX_WAITING). In an `Arc` because
     /// each waiting request holds a slot of it until it ends.
     pub waiting: Arc<Budget>,
+    /// Bytes of SET values waiting on Redis, across all connections (REDIS_MAX_PENDING_BYTES); a
+    /// connection whose next SET does not fit waits for it. In an `Arc` because each such SET holds
+    /// its charge until it ends.
+    pub pending_bytes: Arc<Reservoir>,
     /// Connection counts for STATS.
     pub connections: ConnectionCounters,
     /// When the daemon started, for uptime.
@@ -61,7 +65,11 @@ impl Daemon {
         let waiting = Arc::new(Budget::new(
             usize::try_from(config.max_waiting).unwrap_or(usize::MAX),
         ));
+        let pending_bytes = Arc::new(Reservoir::new(
+            usize::try_from(config.redis_max_pending_bytes).unwrap_or(usize::MAX),
+        ));
         Ok(Daemon {
+            pending_bytes,
             config,
             cache,
             locks,

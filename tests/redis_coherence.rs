@@ -76,3 +76,164 @@ async fn a_pipelined_get_reads_the_set_sent_before_it_on_its_connection_or_a_lat
         );
     }
 }
+
+/// What a run of the session workload saw.
+#[derive(Debug, Default)]
+struct Touches {
+    /// Reads that were not the last value written to their session, when read or when the write
+    /// based on them landed (under its lock, when locked).
+    stale_reads: u64,
+    /// Per session, touches made minus the count left in Redis.
+    lost_updates: u64,
+    /// Touches made.
+    made: u64,
+}
+
+/// Each of `workers` clients of every daemon touches each of `sessions` sessions `rounds` times: LOCK
+/// the session, GET its state, check it is the last value written (recorded by the test, shared by
+/// all workers), SET state+1 fenced, record it, UNLOCK. Without `locked`, the LOCK is skipped, the
+/// SET is plain, and every worker reads before any writes in each touch (a barrier between), the
+/// interleaving the lock exists to prevent.
+async fn session_touches(
+    group: &DaemonGroup,
+    workers: usize,
+    sessions: usize,
+    rounds: usize,
+    locked: bool,
+) -> Touches {
+    use scaled_client::{LockOptions, LockStatus};
+    use std::sync::Arc;
+    use tokio::sync::{Barrier, Mutex};
+
+    let count = |v: Option<Vec<u8>>| -> u64 {
+        v.map_or(0, |v| {
+            std::str::from_utf8(&v)
+                .expect("utf-8 state")
+                .parse()
+                .expect("decimal state")
+        })
+    };
+    let last = Arc::new(Mutex::new(vec![0u64; sessions]));
+    let stale = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let barrier = Arc::new(Barrier::new(group.len() * workers));
+    let options = LockOptions {
+        ttl: Some(Duration::from_secs(10)),
+        wait: Some(Duration::from_secs(30)),
+        auto_renew: false,
+    };
+    let mut tasks = Vec::new();
+    for (h, daemon) in group.daemons.iter().enumerate() {
+        for w in 0..workers {
+            let client = daemon.client().await;
+            let (last, stale, barrier, options) = (
+                last.clone(),
+                stale.clone(),
+                barrier.clone(),
+                options.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..rounds {
+                    for i in 0..sessions {
+                        // Each worker starts at a different session, so all of them meet on all.
+                        let s = (i + h * workers + w) % sessions;
+                        let key = format!("state:{s}");
+                        let guard = if locked {
+                            Some(
+                                client
+                                    .lock(&format!("session:{s}"), options.clone())
+                                    .await
+                                    .expect("LOCK"),
+                            )
+                        } else {
+                            None
+                        };
+                        let read = count(client.get(&key).await.expect("GET"));
+                        if read != last.lock().await[s] {
+                            stale.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        if guard.is_none() {
+                            barrier.wait().await;
+                        }
+                        let next = (read + 1).to_string();
+                        match &guard {
+                            Some(g) => client
+                                .set_fenced(&key, next.as_bytes(), None, &g.write_fence())
+                                .await
+                                .expect("fenced SET"),
+                            None => client.set(&key, next.as_bytes(), None).await.expect("SET"),
+                        }
+                        // Still the last value written when the write lands: under the lock
+                        // nobody can have written in between.
+                        let mut written = last.lock().await;
+                        if written[s] != read {
+                            stale.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        written[s] = read + 1;
+                        drop(written);
+                        match guard {
+                            Some(g) => {
+                                assert_eq!(g.unlock().await.expect("UNLOCK"), LockStatus::Ok)
+                            }
+                            None => {
+                                barrier.wait().await;
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.expect("worker");
+    }
+    let reader = group.host(0).client().await;
+    let each = (group.len() * workers * rounds) as u64;
+    let mut touches = Touches {
+        stale_reads: stale.load(std::sync::atomic::Ordering::Relaxed),
+        made: each * sessions as u64,
+        ..Touches::default()
+    };
+    for s in 0..sessions {
+        let left = count(reader.get(&format!("state:{s}")).await.expect("GET"));
+        touches.lost_updates += each.saturating_sub(left);
+    }
+    touches
+}
+
+/// Starts three daemons on `redis` and waits until each reaches it.
+async fn three_daemons(redis: &RedisServer) -> DaemonGroup {
+    let group = DaemonGroup::start(redis, 3, &[]);
+    for d in &group.daemons {
+        let c = d.client().await;
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        while !c.stats().await.expect("STATS").redis.available {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "Redis never available"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    group
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_touched_from_every_daemon_under_their_locks_lose_nothing_and_read_nothing_stale()
+{
+    let redis = RedisServer::start();
+    let group = three_daemons(&redis).await;
+    let touches = session_touches(&group, 2, 20, 5, true).await;
+    assert_eq!(touches.made, 3 * 2 * 20 * 5);
+    assert_eq!(touches.lost_updates, 0, "{touches:?}");
+    assert_eq!(touches.stale_reads, 0, "{touches:?}");
+}
+
+/// The checks above can fail: the same workload without the lock loses updates and reads stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_touches_without_the_lock_lose_updates_and_read_stale() {
+    let redis = RedisServer::start();
+    let group = three_daemons(&redis).await;
+    let touches = session_touches(&group, 1, 2, 2, false).await;
+    assert!(touches.lost_updates > 0, "{touches:?}");
+    assert!(touches.stale_reads > 0, "{touches:?}");
+}

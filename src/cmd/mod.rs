@@ -198,8 +198,12 @@ pub type Pending = Pin<Box<dyn Future<Output = Answer> + Send + 'static>>;
 pub enum Outcome {
     /// Answered without waiting.
     Done(Answer),
-    /// Answered when the future completes.
+    /// Answered when the future completes; waits on other clients or on time, so it counts toward
+    /// SCALED_MAX_IN_FLIGHT.
     Later(Pending),
+    /// Answered when the future completes; waits only on Redis, so it counts toward
+    /// REDIS_MAX_PENDING instead.
+    Remote(Pending),
 }
 
 impl Outcome {
@@ -226,6 +230,7 @@ impl From<Step<Answer>> for Outcome {
         match step {
             Step::Ready(a) => Outcome::Done(a),
             Step::Later(pending) => Outcome::Later(pending),
+            Step::Remote(pending) => Outcome::Remote(pending),
         }
     }
 }

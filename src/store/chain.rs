@@ -7,6 +7,9 @@
 //! receiver on it and waits until that write's sender is dropped (finished or cancelled). Writes
 //! chain one after another, so they also reach Redis in the order they were sent.
 //!
+//! A write that finishes also retires the key's read in flight ([`Flights::retire`]) before it lets
+//! the requests after it run, so a GET after a write never shares a read that began before it.
+//!
 //! Bounded by what it follows: one entry per key with a write in flight, and writes in flight are
 //! bounded per connection and per daemon.
 
@@ -17,6 +20,8 @@ use hashbrown::HashMap;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
+use crate::store::flight::Flights;
+
 /// The newest write in flight of each key.
 #[derive(Default)]
 pub struct Chains {
@@ -24,6 +29,8 @@ pub struct Chains {
     tails: Mutex<HashMap<String, (u64, watch::Receiver<()>)>>,
     /// Numbers writes, so a finished write removes its entry only if no later write replaced it.
     next: AtomicU64,
+    /// The GETs' shared reads, which each finished write of their key retires.
+    pub flights: Arc<Flights>,
 }
 
 /// What a request waits for before it runs: the write before it on its key, if any.
@@ -86,6 +93,9 @@ impl Chains {
 
 impl Drop for Link {
     fn drop(&mut self) {
+        // Before `_done` closes (fields drop after this body): the GETs it releases must not find
+        // a read that began before this write finished.
+        self.chains.flights.retire(&self.key);
         let mut tails = self.chains.tails.lock();
         if tails.get(&self.key).is_some_and(|(n, _)| *n == self.number) {
             tails.remove(&self.key);

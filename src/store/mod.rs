@@ -3,7 +3,8 @@
 //!
 //! Standalone, the store is the local tier alone: the sharded cache and the lock table, and every
 //! step is [`Step::Ready`]: answered at once, in arrival order, exactly as the commands did before
-//! the store existed. A remote tier (Redis) turns some steps into [`Step::Later`]: a future the
+//! the store existed. A remote tier (Redis) turns some steps into [`Step::Remote`] (waiting on Redis
+//! alone) or [`Step::Later`] (a LOCK that may wait for a holder): a future the
 //! connection runs beside its other requests.
 //!
 //! Fenced writes are composed here, not in the commands and not in the lock table: the fence check
@@ -12,12 +13,14 @@
 //!
 //! - [`chain`]: per-key order of the requests that wait on Redis.
 //! - [`degraded`]: degraded mode (Redis configured but unreachable), lost locks, and adoption.
+//! - [`flight`]: single flight, concurrent GETs of a key sharing one Redis read.
 //! - [`lock`]: LOCK, standalone and in two phases with Redis.
 //! - [`remote`]: the Redis tier (write-through, reads, the link's helpers).
 //! - [`release`]: the background releaser for releases seen where nobody can await Redis.
 
 pub mod chain;
 pub mod degraded;
+pub mod flight;
 pub mod lock;
 pub mod release;
 pub mod remote;
@@ -45,8 +48,12 @@ use crate::store::remote::Remote;
 pub enum Step<T> {
     /// Ready: answered in arrival order with the requests around it.
     Ready(T),
-    /// Finishes later; the connection runs it beside its other requests.
+    /// Finishes later, waiting on other clients or on time (a LOCK in a queue, or held on another
+    /// host); the connection runs it beside its other requests, under SCALED_MAX_IN_FLIGHT.
     Later(Pin<Box<dyn Future<Output = T> + Send + 'static>>),
+    /// Finishes later, waiting only on Redis round trips (each bounded by REDIS_RESPONSE_TIMEOUT):
+    /// counted apart, under REDIS_MAX_PENDING (proto-spec.md, "Requests waiting on Redis").
+    Remote(Pin<Box<dyn Future<Output = T> + Send + 'static>>),
 }
 
 impl<T: Send + 'static> Step<T> {
@@ -55,6 +62,7 @@ impl<T: Send + 'static> Step<T> {
         match self {
             Step::Ready(t) => Step::Ready(f(t)),
             Step::Later(fut) => Step::Later(Box::pin(async move { f(fut.await) })),
+            Step::Remote(fut) => Step::Remote(Box::pin(async move { f(fut.await) })),
         }
     }
 }
@@ -149,10 +157,15 @@ impl Store {
         // Every GET reads Redis: coherent across hosts whatever they wrote. It reads after the
         // writes of the key sent before it have finished.
         let after = self.chains.read(key);
-        let (remote, key) = (remote.clone(), key.to_string());
-        Step::Later(Box::pin(async move {
+        let (remote, flights, key) = (remote.clone(), self.chains.flights.clone(), key.to_string());
+        Step::Remote(Box::pin(async move {
             after.wait().await;
-            remote.get(&key).await
+            // Concurrent GETs of the key share one read (single flight).
+            let read = flights.read(&key, || {
+                let key = key.clone();
+                async move { remote.get(&key).await }
+            });
+            read.await
         }))
     }
 
@@ -170,7 +183,7 @@ impl Store {
             let (remote, key) = (remote.clone(), key.to_string());
             let fence = fence.map(|f| (f.lock, f.token));
             let (after, link) = self.chains.write(&key);
-            return Step::Later(Box::pin(async move {
+            return Step::Remote(Box::pin(async move {
                 after.wait().await;
                 let written = remote.set(&key, value, ttl, fence).await;
                 drop(link);
@@ -203,7 +216,7 @@ impl Store {
             let (remote, key) = (remote.clone(), key.to_string());
             let fence = fence.map(|f| (f.lock, f.token));
             let (after, link) = self.chains.write(&key);
-            return Step::Later(Box::pin(async move {
+            return Step::Remote(Box::pin(async move {
                 after.wait().await;
                 let removed = remote.del(&key, fence).await;
                 drop(link);
@@ -224,7 +237,16 @@ impl Store {
     pub fn lock(&self, ask: LockAsk, now: Instant) -> Step<Result<Marked<Grant>, StoreError>> {
         match &self.remote {
             None => lock::local(&self.locks, ask, now).map(|r| r.map(Marked::plain)),
-            Some(remote) => lock::remote(&self.locks, remote, ask, now),
+            Some(remote) => {
+                // The read barrier: GETs under this grant do not share a read begun before it.
+                let flights = self.chains.flights.clone();
+                lock::remote(&self.locks, remote, ask, now).map(move |granted| {
+                    if granted.is_ok() {
+                        flights.advance();
+                    }
+                    granted
+                })
+            }
         }
     }
 
@@ -250,7 +272,7 @@ impl Store {
         }
         let (remote, locks) = (remote.clone(), self.locks.clone());
         let (key, token) = (key.to_string(), token.to_string());
-        Step::Later(Box::pin(async move {
+        Step::Remote(Box::pin(async move {
             // Redis first: once released there, another host may be granted it; then the local
             // table hands it to this host's next waiter, who asks Redis in turn.
             let released = match remote.link.release(&key, &token).await {
@@ -306,7 +328,7 @@ impl Store {
         }
         let (remote, locks) = (remote.clone(), self.locks.clone());
         let (key, token) = (key.to_string(), token.to_string());
-        Step::Later(Box::pin(async move {
+        Step::Remote(Box::pin(async move {
             let extended = match remote
                 .link
                 .extend(&key, &token, Remote::redis_lease(local.1))

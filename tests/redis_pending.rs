@@ -1,0 +1,195 @@
+//! Requests waiting on Redis (proto-spec.md, "Requests waiting on Redis"): they never count toward
+//! SCALED_MAX_IN_FLIGHT, a connection at REDIS_MAX_PENDING of them pauses instead of refusing, and the
+//! values of SETs waiting on Redis stay within REDIS_MAX_PENDING_BYTES. Against a real
+//! `redis-server` each test starts.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+use common::daemon_group::DaemonGroup;
+use common::redis_server::RedisServer;
+use scaled_client::frame::{push_frame, take_frame};
+use scaled_client::proto::{Args, CommandName, Request, Response, MAX_FRAME_LEN, PROTOCOL_VERSION};
+
+/// How long a test waits for something that should happen soon before failing.
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// Starts one daemon on `redis` with `extra` flags, and waits until it reaches Redis.
+async fn daemon(redis: &RedisServer, extra: &[&str]) -> DaemonGroup {
+    let group = DaemonGroup::start(redis, 1, extra);
+    let client = group.host(0).client().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !client.stats().await.expect("STATS").redis.available {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Redis never available"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    group
+}
+
+/// `sets` SETs of `value_len`-byte values over `keys` keys, written in one go on one connection
+/// (after HELLO) while its answers are read; answers every answer by id. The value of SET `i` starts
+/// with `i` as 8 big-endian bytes.
+async fn pipelined_sets(
+    socket: std::path::PathBuf,
+    sets: u64,
+    keys: u64,
+    value_len: usize,
+) -> HashMap<u64, Response> {
+    let mut bytes = Vec::new();
+    let hello = Request {
+        args: Args {
+            version: Some(PROTOCOL_VERSION),
+            ..Args::default()
+        },
+        ..Request::new(0, CommandName::Hello)
+    };
+    push_frame(&mut bytes, &hello.to_msgpack());
+    for i in 1..=sets {
+        let mut value = vec![0x5a; value_len.max(8)];
+        value[..8].copy_from_slice(&i.to_be_bytes());
+        let set = Request {
+            args: Args {
+                key: Some(format!("k{}", i % keys)),
+                value: Some(value),
+                ..Args::default()
+            },
+            ..Request::new(i, CommandName::Set)
+        };
+        push_frame(&mut bytes, &set.to_msgpack());
+    }
+    let stream = UnixStream::connect(&socket).await.expect("connect");
+    let (mut rx, mut tx) = stream.into_split();
+    // Written while the answers are read, as a pipelining client must.
+    let writer = tokio::spawn(async move {
+        tx.write_all(&bytes).await.expect("write the burst");
+        tx
+    });
+    let mut answers = HashMap::new();
+    let mut buf = BytesMut::new();
+    let expected = sets as usize + 1;
+    tokio::time::timeout(LIMIT, async {
+        while answers.len() < expected {
+            while let Some(body) = take_frame(&mut buf, MAX_FRAME_LEN).expect("frame size") {
+                let r = Response::decode(&body).expect("decodable response");
+                answers.insert(r.id, r);
+            }
+            if answers.len() < expected {
+                let n = rx.read_buf(&mut buf).await.expect("read");
+                assert!(n > 0, "closed after {} answers", answers.len());
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("only {} of {expected} answers", answers.len()));
+    drop(writer.await.expect("writer"));
+    answers
+}
+
+/// Every SET answered OK, and each key holds its last SET's value (none acknowledged was lost).
+async fn assert_all_written(
+    group: &DaemonGroup,
+    answers: &HashMap<u64, Response>,
+    sets: u64,
+    keys: u64,
+) {
+    for i in 1..=sets {
+        let r = &answers[&i];
+        assert!(r.err.is_none(), "SET {i}: {:?}", r.err);
+    }
+    let client = group.host(0).client().await;
+    for k in 0..keys {
+        let last = (1..=sets)
+            .rev()
+            .find(|i| i % keys == k)
+            .expect("a SET of k");
+        let got = client
+            .get(&format!("k{k}"))
+            .await
+            .expect("GET")
+            .expect("a value");
+        assert_eq!(got[..8], last.to_be_bytes(), "k{k} is not its last SET");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_sets_is_not_refused_by_the_in_flight_limit() {
+    let redis = RedisServer::start();
+    let group = daemon(&redis, &["--max-in-flight", "8"]).await;
+    let (sets, keys) = (3000, 100);
+    let answers = pipelined_sets(group.host(0).socket.clone(), sets, keys, 16).await;
+    assert_all_written(&group, &answers, sets, keys).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_paused_at_redis_max_pending_still_gets_every_answer() {
+    let redis = RedisServer::start();
+    let group = daemon(&redis, &["--redis-max-pending", "4"]).await;
+    let (sets, keys) = (3000, 100);
+    let answers = pipelined_sets(group.host(0).socket.clone(), sets, keys, 16).await;
+    assert_all_written(&group, &answers, sets, keys).await;
+}
+
+/// A process's peak resident memory in bytes (VmHWM).
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    kib * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_waiting_on_redis_stay_within_redis_max_pending_bytes() {
+    const VALUE: usize = 60_000;
+    const SETS: u64 = 3000;
+    const KEYS: u64 = 50;
+    let redis = RedisServer::start();
+    // 1 MiB of values may wait on Redis: about 17 of these SETs. REDIS_MAX_PENDING alone (1024)
+    // would let some 60 MB wait. Redis calls outlast the stop below.
+    let group = daemon(
+        &redis,
+        &[
+            "--redis-max-pending-bytes",
+            "1048576",
+            "--redis-response-timeout",
+            "60",
+        ],
+    )
+    .await;
+    let pid = group.host(0).child.id();
+    let before = peak_rss(pid);
+    // With Redis stopped nothing finishes, so the daemon takes what its limits let it take and no
+    // more. Watching its memory for a while is the point: nothing marks the moment it stops.
+    redis.pause();
+    let burst = tokio::spawn(pipelined_sets(
+        group.host(0).socket.clone(),
+        SETS,
+        KEYS,
+        VALUE,
+    ));
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!burst.is_finished(), "answered while Redis was stopped");
+    }
+    let grown = peak_rss(pid).saturating_sub(before);
+    redis.resume();
+    let answers = burst.await.expect("burst");
+    assert_all_written(&group, &answers, SETS, KEYS).await;
+    assert!(
+        grown < 24 << 20,
+        "peak memory grew by {} MiB with Redis stopped and {} MB sent",
+        grown >> 20,
+        SETS as usize * VALUE / 1_000_000
+    );
+}
