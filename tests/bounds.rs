@@ -9,9 +9,22 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 
-use common::watch::{cpu_time, peak_mib, rss_mib, Prober};
+use common::probe::{cpu_ns, peak_rss_kib, rss_kib, Prober};
 use common::{RawConn, TestDaemon};
 use scaled_client::proto::{Args, CommandName, Request};
+
+/// KiB as MiB, for the bounds below.
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// Stops the probe and fails the test unless it got every answer; prints its round trips (what
+/// BENCHMARKS.md quotes, from a release build).
+fn served(probe: Prober, what: &str) {
+    let report = probe.finish();
+    eprintln!("{what}: probe {}", report.summary());
+    report.assert_every_answer(1);
+}
 
 /// A map of `members` distinct short str keys with nil values, as one request body (an envelope whose
 /// unknown members the decoder must step over).
@@ -45,19 +58,19 @@ fn request(id: u64, cmd: CommandName, key: Option<&str>, value: Option<Vec<u8>>)
 /// time for the lot.
 async fn cpu_to_decode(daemon: &TestDaemon, body: &[u8], frames: usize) -> Duration {
     let mut conn = daemon.raw().await;
-    let before = cpu_time(daemon.child.id());
+    let before = cpu_ns(daemon);
     for _ in 0..frames {
         conn.send(body).await;
         let answer = conn.recv().await.expect("an answer to the wide map");
         assert_eq!(answer.id, 7);
     }
-    cpu_time(daemon.child.id()) - before
+    Duration::from_nanos(cpu_ns(daemon) - before)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decoding_is_linear_in_the_frame_whatever_its_shape() {
     let daemon = TestDaemon::start(&[]);
-    let probe = Prober::start(daemon.client().await).await;
+    let probe = Prober::start(&daemon);
     // The same bytes in total: 40 maps of n members, then 5 maps of 8n. Linear decoding costs about
     // the same for both (a larger map's hash set misses the CPU cache more, hence the factor of 5);
     // the quadratic decoder this replaces cost 8 times more for the second, and minutes rather than
@@ -73,25 +86,24 @@ async fn decoding_is_linear_in_the_frame_whatever_its_shape() {
         large < small * 5 + Duration::from_millis(300),
         "decoding 8n members cost {large:?} against {small:?} for the same bytes in maps of n"
     );
-    probe.finish().await.assert_served("wide maps");
+    served(probe, "wide maps");
     assert!(
-        peak_mib(daemon.child.id()) < 96.0,
+        mib(peak_rss_kib(&daemon)) < 96.0,
         "peak RSS {} MiB",
-        peak_mib(daemon.child.id())
+        mib(peak_rss_kib(&daemon))
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_its_answers_holds_a_bounded_buffer() {
     let daemon = TestDaemon::start(&["--write-timeout", "2"]);
-    let pid = daemon.child.id();
     let client = daemon.client().await;
     client
         .set("big", &vec![7u8; 1 << 20], None)
         .await
         .expect("SET 1 MiB");
-    let probe = Prober::start(daemon.client().await).await;
-    let before = rss_mib(pid);
+    let probe = Prober::start(&daemon);
+    let before = mib(rss_kib(&daemon));
     // Four connections each pipeline 1000 GETs of the 1 MiB value (66 KB of requests) and read
     // nothing: 4 GB of answers if the daemon buffered them all.
     let mut hogs = Vec::new();
@@ -108,7 +120,7 @@ async fn a_client_that_never_reads_its_answers_holds_a_bounded_buffer() {
     }
     // Let the daemon do all it will do with them, then look at its memory.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let peak = peak_mib(pid);
+    let peak = mib(peak_rss_kib(&daemon));
     eprintln!(
         "{}: RSS before {before:.1} MiB, peak {peak:.1} MiB",
         module_path!()
@@ -134,7 +146,7 @@ async fn a_client_that_never_reads_its_answers_holds_a_bounded_buffer() {
         open <= 3,
         "connections that read nothing were never closed ({open} open)"
     );
-    probe.finish().await.assert_served("unread answers");
+    served(probe, "unread answers");
     drop(hogs);
 }
 
@@ -184,9 +196,8 @@ async fn a_holder_that_shuts_down_its_write_side_releases_its_locks_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_sent_frames_are_bounded_by_the_buffer_budget_and_timed_out() {
     let daemon = TestDaemon::start(&["--max-buffer-bytes", "33554432", "--frame-timeout", "3"]);
-    let pid = daemon.child.id();
-    let probe = Prober::start(daemon.client().await).await;
-    let before = rss_mib(pid);
+    let probe = Prober::start(&daemon);
+    let before = mib(rss_kib(&daemon));
     // Forty connections each send a 2 MiB frame but its last byte: 80 MiB held if the daemon kept
     // them all, against a budget of 32 MiB.
     let len = 2 * 1024 * 1024;
@@ -201,7 +212,7 @@ async fn half_sent_frames_are_bounded_by_the_buffer_budget_and_timed_out() {
         conns.push(conn);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let peak = peak_mib(pid);
+    let peak = mib(peak_rss_kib(&daemon));
     eprintln!(
         "{}: RSS before {before:.1} MiB, peak {peak:.1} MiB",
         module_path!()
@@ -237,7 +248,7 @@ async fn half_sent_frames_are_bounded_by_the_buffer_budget_and_timed_out() {
         .set("after", &vec![3u8; 1 << 20], None)
         .await
         .expect("1 MiB SET after the attack");
-    probe.finish().await.assert_served("half-sent frames");
+    served(probe, "half-sent frames");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -285,12 +296,11 @@ async fn a_malformed_frame_without_an_id_answers_id_0_and_no_elapsed_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cache_is_bounded_in_bytes_by_default() {
     let daemon = TestDaemon::start(&[]);
-    let pid = daemon.child.id();
     let client = daemon.client().await;
     let stats = client.stats().await.expect("STATS");
     let budget = stats.cache.max_bytes;
     assert_eq!(budget, 256 << 20, "the default CACHE_MAX_BYTES");
-    let probe = Prober::start(daemon.client().await).await;
+    let probe = Prober::start(&daemon);
     // 10 000 entries of 1 MiB would be 10 GiB; 400 of them already pass the budget.
     let value = vec![5u8; 1 << 20];
     for i in 0..400 {
@@ -299,14 +309,11 @@ async fn the_cache_is_bounded_in_bytes_by_default() {
             .await
             .expect("SET");
     }
-    probe
-        .finish()
-        .await
-        .assert_served("1 MiB values past the cache budget");
+    served(probe, "1 MiB values past the cache budget");
     let stats = client.stats().await.expect("STATS");
     let bytes = stats.cache.bytes;
     assert!(bytes <= budget, "the cache holds {bytes} bytes");
-    let peak = peak_mib(pid);
+    let peak = mib(peak_rss_kib(&daemon));
     eprintln!("cache budget: peak RSS {peak:.1} MiB with a 256 MiB cache budget");
     assert!(
         peak < 256.0 + 96.0,

@@ -6,7 +6,6 @@
 pub mod daemon_group;
 pub mod probe;
 pub mod redis_server;
-pub mod watch;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
