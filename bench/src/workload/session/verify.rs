@@ -7,6 +7,7 @@ use super::state::SessionState;
 use super::Plan;
 use crate::net::{Conn, Endpoint};
 use crate::wire::{read_bin, write_request, Arg, Envelope};
+use bytes::BytesMut;
 use scaled_client::proto::CommandName;
 
 /// GETs written at once while reading the states back.
@@ -48,16 +49,23 @@ pub async fn verify(
             );
         }
         conn.flush().await?;
-        for s in next..end {
+        // Answers are matched by id: a daemon whose GETs wait on Redis answers them as they finish.
+        let mut bodies: Vec<Option<BytesMut>> = vec![None; (end - next) as usize];
+        for _ in next..end {
             let body = conn.next_frame().await?;
+            let id = Envelope::parse(&body)?.id;
+            let slot = id
+                .checked_sub(next + 1)
+                .and_then(|i| bodies.get_mut(usize::try_from(i).ok()?))
+                .filter(|slot| slot.is_none())
+                .ok_or_else(|| {
+                    format!("checking: answer id {id}, not one of {}..={end}", next + 1)
+                })?;
+            *slot = Some(body);
+        }
+        for (s, body) in (next..end).zip(bodies) {
+            let body = body.ok_or_else(|| format!("checking: no answer for id {}", s + 1))?;
             let envelope = Envelope::parse(&body)?;
-            if envelope.id != s + 1 {
-                return Err(format!(
-                    "checking: answer id {}, expected {}",
-                    envelope.id,
-                    s + 1
-                ));
-            }
             let state = envelope
                 .ok()
                 .and_then(|mut ok| read_bin(&mut ok))
