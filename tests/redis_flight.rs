@@ -29,17 +29,7 @@ const READ_COMMAND: &str = "evalsha";
 /// Starts a daemon on `redis` whose Redis calls outlast the test's stop of Redis, and waits until it
 /// reaches Redis.
 async fn daemon(redis: &RedisServer) -> DaemonGroup {
-    let group = DaemonGroup::start(redis, 1, &["--redis-response-timeout", "60"]);
-    let client = group.host(0).client().await;
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    while !client.stats().await.expect("STATS").redis.available {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "Redis never available"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    group
+    DaemonGroup::start_available(redis, 1, &["--redis-response-timeout", "60"]).await
 }
 
 /// GETs of `key(c, i)` for i in 0..PER_CONNECTION on each of CONNECTIONS connections, sent while

@@ -22,17 +22,7 @@ const LIMIT: Duration = Duration::from_secs(60);
 
 /// Starts one daemon on `redis` with `extra` flags, and waits until it reaches Redis.
 async fn daemon(redis: &RedisServer, extra: &[&str]) -> DaemonGroup {
-    let group = DaemonGroup::start(redis, 1, extra);
-    let client = group.host(0).client().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !client.stats().await.expect("STATS").redis.available {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "Redis never available"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    group
+    DaemonGroup::start_available(redis, 1, extra).await
 }
 
 /// `sets` SETs of `value_len`-byte values over `keys` keys, written in one go on one connection

@@ -29,6 +29,24 @@ impl DaemonGroup {
         DaemonGroup { daemons }
     }
 
+    /// Like [`DaemonGroup::start`], then waits until every daemon reports Redis available in STATS,
+    /// failing the test after 10 s.
+    pub async fn start_available(redis: &RedisServer, n: usize, extra: &[&str]) -> DaemonGroup {
+        let group = DaemonGroup::start(redis, n, extra);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        for daemon in &group.daemons {
+            let client = daemon.client().await;
+            while !client.stats().await.expect("STATS").redis.available {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "a daemon did not reach Redis within 10 s"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+        group
+    }
+
     /// The daemon started `i`-th.
     pub fn host(&self, i: usize) -> &TestDaemon {
         &self.daemons[i]
