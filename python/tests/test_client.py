@@ -161,7 +161,7 @@ def test_callers_see_clear_errors_while_the_daemon_is_killed_and_restarted(daemo
             except (scaled.ConnectError, scaled.ConnectionLost, scaled.ShuttingDownError):
                 outcome = "failed"
                 stop.wait(0.005)
-            except BaseException as e:  # noqa: BLE001 - reported by the test below
+            except BaseException as e:  # reported by the test below
                 with lock:
                     unclear.append(e)
                 return
