@@ -145,7 +145,9 @@ impl Server {
             beside.await;
             std::future::pending::<()>().await
         };
+        // Serving first: its first poll starts the accept loops before `beside` reports anything.
         tokio::select! {
+            biased;
             () = self.serve() => {}
             () = beside => {}
         }
