@@ -48,6 +48,15 @@ impl Notifier {
         Notifier { target, watchdog }
     }
 
+    /// A notifier sending to `address` (a path, or `@name` in the abstract namespace), expecting
+    /// keep-alives within `watchdog` if given.
+    pub fn to(address: &[u8], watchdog: Option<Duration>) -> io::Result<Notifier> {
+        Ok(Notifier {
+            target: Some(open(address)?),
+            watchdog,
+        })
+    }
+
     /// A notifier that sends nothing (for a daemon embedded in tests).
     pub fn disabled() -> Notifier {
         Notifier {

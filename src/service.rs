@@ -128,3 +128,45 @@ pub fn status_line(daemon: &Daemon) -> String {
         _ => format!("serving {open} connections"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use std::os::unix::net::UnixDatagram;
+
+    /// The keep-alive is withheld while the probe has not run, and sent once it has.
+    #[tokio::test(flavor = "current_thread")]
+    async fn no_keep_alive_until_the_serving_threads_run_the_probe() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("notify");
+        let manager = UnixDatagram::bind(&path).expect("bind");
+        manager.set_nonblocking(true).expect("nonblocking");
+        let notifier = Notifier::to(
+            path.as_os_str().as_encoded_bytes(),
+            Some(Duration::from_secs(1)),
+        )
+        .expect("notifier");
+        let config = crate::config::Config::try_parse_from(["scaled"]).expect("config");
+        let daemon = Arc::new(Daemon::new(config).expect("daemon"));
+        let mut buf = [0u8; 64];
+
+        // On a current-thread runtime the probe cannot run until this test yields: a runtime whose
+        // threads are all busy, as far as the probe can tell.
+        let probe = keep_alive(&daemon, &notifier, None);
+        let probe = keep_alive(&daemon, &notifier, probe);
+        assert!(
+            manager.recv(&mut buf).is_err(),
+            "a keep-alive was sent before the probe ran"
+        );
+
+        while !probe.as_ref().is_some_and(|p| p.is_finished()) {
+            tokio::task::yield_now().await;
+        }
+        let _next = keep_alive(&daemon, &notifier, probe);
+        let n = manager
+            .recv(&mut buf)
+            .expect("a keep-alive once the probe ran");
+        assert_eq!(&buf[..n], b"WATCHDOG=1");
+    }
+}
