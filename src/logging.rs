@@ -87,8 +87,11 @@ fn parse_filter(directives: &str) -> Result<EnvFilter, String> {
 #[derive(Clone)]
 pub struct LogSink(Arc<Sink>);
 
+/// The destination behind a [`LogSink`].
 enum Sink {
+    /// The default: the journal under systemd, the terminal by hand.
     Stderr,
+    /// `--log-file`.
     File {
         /// The path given, opened again on reopen.
         path: PathBuf,
@@ -138,7 +141,7 @@ impl<'a> MakeWriter<'a> for LogSink {
     }
 }
 
-/// Writes one formatted line to the sink.
+/// Writes one formatted line to the sink; made per event, so it only borrows it.
 pub struct SinkWriter<'a>(&'a Sink);
 
 impl Write for SinkWriter<'_> {

@@ -69,6 +69,7 @@ fn stop(daemon: &Daemon, notifier: &Notifier, name: &str, number: i32) {
 
 /// What SIGHUP changes, and what it compares the environment file against.
 struct Reloader {
+    /// The installed logger: its file is reopened and its filter swapped.
     logging: Logging,
     /// `--env-file`, if given.
     env_file: Option<PathBuf>,
