@@ -98,7 +98,7 @@ impl RedisSettings {
 pub enum Health {
     /// Connected, scripts loaded, fencing floor raised: commands go to Redis.
     Up,
-    /// Not connected: commands fail at once with [`LinkError::Unavailable`] while the connector
+    /// Not connected: commands fail at once with [`LinkError::NotConnected`] while the connector
     /// retries. The daemon starts in this state.
     Down,
 }
@@ -107,9 +107,14 @@ pub enum Health {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LinkError {
     /// Redis cannot be reached: refused, broken, timed out, or still loading its data. The protocol's
-    /// `UNAVAILABLE`; the only error that makes the daemon degraded.
+    /// `UNAVAILABLE`; with [`LinkError::NotConnected`], the only error that makes the daemon
+    /// degraded. The command may have reached Redis and been applied there before the failure.
     #[error("Redis is unavailable: {0}")]
     Unavailable(String),
+    /// The link was down, so the command was never sent: `UNAVAILABLE` too, but certain to have
+    /// changed nothing in Redis (an acquire that fails so needs no release).
+    #[error("Redis is unavailable: not connected")]
+    NotConnected,
     /// A value in Redis failed its checksum or is not in the daemon's format. The protocol's
     /// `CORRUPTED`.
     #[error("the value of `{key}` in Redis is corrupted: {reason}")]
@@ -126,6 +131,14 @@ pub enum LinkError {
     /// The settings cannot work (bad URL, too few connections allowed).
     #[error("Redis settings: {0}")]
     Settings(String),
+}
+
+impl LinkError {
+    /// Whether Redis could not be reached ([`LinkError::Unavailable`] or
+    /// [`LinkError::NotConnected`]): the cases the daemon answers without Redis, marked degraded.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, LinkError::Unavailable(_) | LinkError::NotConnected)
+    }
 }
 
 /// Names of everything the daemon keeps in Redis, under its prefix. docs/coherence.md lists them.
@@ -364,13 +377,13 @@ impl Link {
         &self.shared.pubsub_client
     }
 
-    /// The command connection, or [`LinkError::Unavailable`] at once while down.
+    /// The command connection, or [`LinkError::NotConnected`] at once while down.
     fn connection(&self) -> Result<(u64, MultiplexedConnection), LinkError> {
         self.shared
             .current
             .lock()
             .clone()
-            .ok_or_else(|| LinkError::Unavailable("not connected".into()))
+            .ok_or(LinkError::NotConnected)
     }
 
     /// Runs one call on the command connection, counting it, and turns a Redis error into a

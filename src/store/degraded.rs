@@ -28,7 +28,7 @@ use tokio::time::Instant;
 
 use crate::locks::LockTable;
 use crate::redis::scripts::Adopt;
-use crate::redis::{Health, LinkError};
+use crate::redis::Health;
 use crate::store::lock::renew;
 use crate::store::remote::Remote;
 use crate::store::Store;
@@ -327,7 +327,7 @@ async fn adopt_all(remote: &Arc<Remote>, locks: &Arc<LockTable>) {
                     .degraded
                     .lose(locks, &lock, &token, "another daemon holds it in Redis")
             }
-            Err(LinkError::Unavailable(_)) => return,
+            Err(e) if e.is_unavailable() => return,
             Err(e) => {
                 tracing::warn!(lock, error = %e, "adopting a lock granted while degraded failed");
             }

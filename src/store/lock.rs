@@ -26,6 +26,7 @@ use crate::config::LockFallback;
 use crate::daemon::wall_clock_micros;
 use crate::locks::{Acquire, Grant, Limit, LockRequest, LockTable, Status};
 use crate::redis::scripts::{Acquire as RedisAcquire, Compare};
+use crate::redis::LinkError;
 use crate::store::degraded::{LocalGrant, Marked};
 use crate::store::remote::Remote;
 use crate::store::{Step, StoreError};
@@ -290,13 +291,32 @@ impl Candidate {
         loop {
             // Watch before asking, so a release published while the acquire runs is not missed.
             let mut watch = self.remote.wakeups.watch(&self.key);
+            // Until the answer is read, the acquire may have landed in Redis: dropping this
+            // candidate then releases it there too.
             self.asked = true;
-            let answer = self
+            let asked = self
                 .remote
                 .link
-                .acquire(&self.key, &self.grant.token, redis_lease)
-                .await
-                .map_err(|e| self.remote.store_error(e))?;
+                .acquire(&self.key, &self.grant.token, redis_lease);
+            // The LOCK's wait bounds the acquire too: a Redis that is slow to answer (or a link
+            // with a backlog) must not hold the LOCK past the wait its client asked for.
+            let answer = tokio::select! {
+                answer = asked => answer,
+                _ = tokio::time::sleep_until(deadline), if !try_only => {
+                    return Err(StoreError::LockTimeout { key: self.key.clone(), wait: wait.unwrap_or_default() });
+                }
+                _ = shutdown.cancelled() => return Err(StoreError::ShuttingDown),
+                _ = alive.cancelled() => return Err(StoreError::Internal("the connection closed".into())),
+            };
+            let answer = match answer {
+                Ok(answer) => answer,
+                Err(LinkError::NotConnected) => {
+                    // Never sent: nothing to give back in Redis.
+                    self.asked = false;
+                    return Err(self.remote.store_error(LinkError::NotConnected));
+                }
+                Err(e) => return Err(self.remote.store_error(e)),
+            };
             let lease_left = match answer {
                 RedisAcquire::Granted { fence, .. } => {
                     if !self.start_lease(fence) {

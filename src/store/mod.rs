@@ -38,7 +38,6 @@ use scaled_client::proto::Fence;
 use crate::cache::{CacheError, SessionCache};
 use crate::locks::{Fenced, Grant, LockTable, Status};
 use crate::redis::scripts::Compare;
-use crate::redis::LinkError;
 use crate::store::chain::Chains;
 use crate::store::degraded::Marked;
 use crate::store::lock::LockAsk;
@@ -277,7 +276,7 @@ impl Store {
             // table hands it to this host's next waiter, who asks Redis in turn.
             let released = match remote.link.release(&key, &token).await {
                 Ok(released) => released,
-                Err(LinkError::Unavailable(_)) => {
+                Err(e) if e.is_unavailable() => {
                     // Degraded: act on this daemon's record; the release in Redis waits for it.
                     let status = locks.release(&key, &token, Instant::now());
                     if status == Status::Ok {
@@ -336,7 +335,7 @@ impl Store {
             {
                 Ok(extended) => extended,
                 // Degraded: the lease is renewed on this daemon's record only.
-                Err(LinkError::Unavailable(_)) => return Ok(Marked::degraded(local)),
+                Err(e) if e.is_unavailable() => return Ok(Marked::degraded(local)),
                 Err(e) => return Err(remote.store_error(e)),
             };
             if extended == Compare::Done {

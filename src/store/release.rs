@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::redis::{Link, LinkError};
+use crate::redis::Link;
 use crate::throttle::Throttle;
 use crate::throttled_warn;
 
@@ -82,31 +82,51 @@ impl Releaser {
     }
 }
 
-/// Runs the jobs in order until the handle is dropped.
+/// Releases sent to Redis at once. One at a time, a burst of tens of thousands (LOCKs failing while
+/// Redis was away, or a host closing many connections) would take seconds of round trips to clear;
+/// releases of different owner tokens do not depend on each other, so they go out together.
+pub const RELEASES_IN_FLIGHT: usize = 64;
+
+/// Takes jobs until the handle is dropped: up to [`RELEASES_IN_FLIGHT`] releases at once, and a
+/// drain answered once every release queued before it is done.
 async fn run(link: Link, mut rx: mpsc::Receiver<Job>) {
+    let mut in_flight = tokio::task::JoinSet::new();
     while let Some(job) = rx.recv().await {
         match job {
             Job::Drain(done) => {
+                while in_flight.join_next().await.is_some() {}
                 let _ = done.send(());
             }
-            Job::Release { lock, token, until } => loop {
-                match link.release(&lock, &token).await {
-                    Ok(_) => break,
-                    Err(LinkError::Unavailable(_)) => {
-                        let left = until.saturating_duration_since(Instant::now());
-                        // Wait for Redis to come back, but never past the lease's end there.
-                        if left.is_zero() || !link.wait_up(left).await {
-                            break;
-                        }
-                        // Up, yet unavailable (Redis still loading its data): do not spin.
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                    Err(e) => {
-                        tracing::warn!(lock, error = %e, "releasing a lock in Redis failed");
-                        break;
-                    }
+            Job::Release { lock, token, until } => {
+                while in_flight.len() >= RELEASES_IN_FLIGHT {
+                    in_flight.join_next().await;
                 }
-            },
+                in_flight.spawn(release(link.clone(), lock, token, until));
+            }
+        }
+    }
+    while in_flight.join_next().await.is_some() {}
+}
+
+/// Releases `lock` held by `token` in Redis, waiting for Redis to be back if it is away, but never
+/// past `until`, when the lease there has ended anyway.
+async fn release(link: Link, lock: String, token: String, until: Instant) {
+    loop {
+        match link.release(&lock, &token).await {
+            Ok(_) => return,
+            Err(e) if e.is_unavailable() => {
+                let left = until.saturating_duration_since(Instant::now());
+                // Wait for Redis to come back, but never past the lease's end there.
+                if left.is_zero() || !link.wait_up(left).await {
+                    return;
+                }
+                // Up, yet unavailable (Redis still loading its data): do not spin.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => {
+                tracing::warn!(lock, error = %e, "releasing a lock in Redis failed");
+                return;
+            }
         }
     }
 }

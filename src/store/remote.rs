@@ -134,6 +134,7 @@ impl Remote {
     pub fn store_error(&self, e: LinkError) -> StoreError {
         match e {
             LinkError::Unavailable(m) => StoreError::Unavailable(m),
+            LinkError::NotConnected => StoreError::Unavailable("not connected".into()),
             LinkError::Corrupted { key, reason } => {
                 self.counters.corrupted.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(key, reason, "corrupted value in Redis; not served");
