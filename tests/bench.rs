@@ -229,3 +229,24 @@ fn sessions_pass_through_the_delay_proxy() {
     assert_eq!(count(&report, "successful_messages"), 50, "{report}");
     drop(daemon);
 }
+
+#[test]
+fn a_closed_loop_session_cut_by_max_seconds_ends_and_checks() {
+    let daemon = TestDaemon::start(&[]);
+    // Far more messages than a second allows: the run stops starting messages after 1 s, finishes
+    // those in flight, and checks what was acknowledged.
+    let (status, report) = bench(&[
+        "session",
+        "--socket",
+        &socket(&daemon),
+        "--users",
+        "20",
+        "--messages",
+        "1000000",
+        "--max-seconds",
+        "1",
+    ]);
+    assert_eq!(status, 0, "the run failed its checks: {report}");
+    assert_eq!(count(&report, "lost_updates"), 0, "{report}");
+    assert!(count(&report, "successful_messages") > 0, "{report}");
+}

@@ -266,9 +266,16 @@ impl Driver {
     /// Starts a message of user `slot`, due at `scheduled`.
     fn start(&mut self, slot: usize, scheduled: Instant, now: Instant) {
         if now >= self.plan.deadline {
-            // Past the run's time limit: this message is not sent.
-            self.users[slot].finished += 1;
-            self.outstanding -= 1;
+            // Past the run's time limit: this message is not sent, and in a closed loop neither is
+            // any later one of this user, so all of them leave the count.
+            let user = &mut self.users[slot];
+            let unsent = if self.plan.open_loop() {
+                1
+            } else {
+                self.plan.messages.saturating_sub(user.finished).max(1)
+            };
+            user.finished += unsent;
+            self.outstanding = self.outstanding.saturating_sub(unsent);
             return;
         }
         self.report.messages += 1;
