@@ -310,9 +310,7 @@ async fn accept_loop<L: Listener>(
             accepted = listener.accept_split() => accepted,
         };
         match accepted {
-            Ok((r, w, origin)) => {
-                start_connection(&daemon, &tracker, &limit, &ids, origin, r, w)
-            }
+            Ok((r, w, origin)) => start_connection(&daemon, &tracker, &limit, &ids, origin, r, w),
             Err(e) => accept_failed(e).await,
         }
     }
@@ -323,6 +321,20 @@ async fn accept_loop<L: Listener>(
 async fn accept_failed(e: io::Error) {
     crate::throttled_warn!(ACCEPT_FAILED, error = %e, "accept failed");
     tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+/// How long a refused peer's socket is kept open to take what it sent before it read its answer.
+const DENIED_LINGER: Duration = Duration::from_secs(1);
+
+/// Reads and drops up to 64 KiB, until the peer closes.
+async fn drain<R: AsyncRead + Unpin>(mut reader: R) {
+    let mut buf = [0u8; 4096];
+    for _ in 0..16 {
+        match tokio::io::AsyncReadExt::read(&mut reader, &mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
 }
 
 fn start_connection<R, W>(
@@ -347,6 +359,10 @@ fn start_connection<R, W>(
                 connection::respond_unmatched(&mut out, ErrorCode::Denied, &why);
                 let _ = writer.write_all(&out).await;
                 let _ = writer.shutdown().await;
+                // Read (and drop) what the peer sent meanwhile, its HELLO most likely, before
+                // closing: a socket closed with unread bytes resets, and the peer would see a
+                // reset rather than the answer. Bounded in time and bytes.
+                let _ = tokio::time::timeout(DENIED_LINGER, drain(reader)).await;
             });
             return;
         }

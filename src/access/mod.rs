@@ -193,11 +193,26 @@ mod tests {
             open.admit(Origin::Unix { uid: 5, gid: 5 }),
             Ok(Scope::Unrestricted)
         );
-        let a = access(&["--allow-uid", "1000,1001", "--allow-gid", "50", "--admin-uid", "0"]);
+        let a = access(&[
+            "--allow-uid",
+            "1000,1001",
+            "--allow-gid",
+            "50",
+            "--admin-uid",
+            "0",
+        ]);
         assert!(a.admit(Origin::Unix { uid: 1001, gid: 9 }).is_ok());
         assert!(a.admit(Origin::Unix { uid: 7, gid: 50 }).is_ok());
-        assert!(a.admit(Origin::Unix { uid: 0, gid: 0 }).is_ok(), "admins are allowed");
-        assert!(a.admit(Origin::Unix { uid: 65534, gid: 65534 }).is_err());
+        assert!(
+            a.admit(Origin::Unix { uid: 0, gid: 0 }).is_ok(),
+            "admins are allowed"
+        );
+        assert!(a
+            .admit(Origin::Unix {
+                uid: 65534,
+                gid: 65534
+            })
+            .is_err());
         assert!(a.admit(Origin::UnixUnknown).is_err());
         assert_eq!(a.denied(), 2);
     }
@@ -206,7 +221,10 @@ mod tests {
     fn namespaces_by_uid_spare_admins() {
         let a = access(&["--namespace-by-uid", "--admin-uid", "0"]);
         assert_eq!(
-            a.admit(Origin::Unix { uid: 1000, gid: 1000 }),
+            a.admit(Origin::Unix {
+                uid: 1000,
+                gid: 1000
+            }),
             Ok(Scope::Namespace(Arc::new(Namespace::of_uid(1000))))
         );
         assert_eq!(

@@ -129,7 +129,10 @@ mod tests {
         };
         ns.enter(&mut args).expect("fits");
         assert_eq!(args.key.as_deref(), Some("web/session:1"));
-        assert_eq!(args.fence.as_ref().map(|f| f.lock.as_str()), Some("web/session:1"));
+        assert_eq!(
+            args.fence.as_ref().map(|f| f.lock.as_str()),
+            Some("web/session:1")
+        );
         let mut e = CommandError::new(ErrorCode::Locked, "lock `web/session:1` is held");
         ns.leave(&mut e);
         assert_eq!(e.message, "lock `session:1` is held");

@@ -91,12 +91,13 @@ impl TokenTable {
             return Err(TokenFileError::Exposed { path: shown, mode });
         }
         let text = fs::read_to_string(path).map_err(read_err)?;
-        TokenTable::parse(&text).map_err(|(line, reason)| TokenFileError::Line {
-            path: shown.clone(),
-            line,
-            reason,
-        })?
-        .ok_or(TokenFileError::Empty { path: shown })
+        TokenTable::parse(&text)
+            .map_err(|(line, reason)| TokenFileError::Line {
+                path: shown.clone(),
+                line,
+                reason,
+            })?
+            .ok_or(TokenFileError::Empty { path: shown })
     }
 
     /// Parses the file's text: `Ok(None)` when it holds no token, `Err((line, reason))` on a bad line.
@@ -126,7 +127,10 @@ impl TokenTable {
                 ));
             }
             if entries.iter().any(|(t, _)| t == token.as_bytes()) {
-                return Err((i + 1, "this token is already on an earlier line".to_string()));
+                return Err((
+                    i + 1,
+                    "this token is already on an earlier line".to_string(),
+                ));
             }
             entries.push((token.as_bytes().to_vec(), scope));
         }
@@ -191,7 +195,9 @@ mod tests {
     #[test]
     fn the_file_format() {
         let text = "# comment\n\n  aaaaaaaaaaaaaaaa\nweb bbbbbbbbbbbbbbbb\n";
-        let table = TokenTable::parse(text).expect("parses").expect("has tokens");
+        let table = TokenTable::parse(text)
+            .expect("parses")
+            .expect("has tokens");
         assert_eq!(table.check("aaaaaaaaaaaaaaaa"), Some(Scope::Unrestricted));
         assert_eq!(
             table.check("bbbbbbbbbbbbbbbb"),

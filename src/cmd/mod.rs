@@ -376,7 +376,9 @@ fn unprefixed(ns: Arc<Namespace>, outcome: Outcome) -> Outcome {
     }
     match outcome {
         Outcome::Done(answer) => Outcome::Done(leave(&ns, answer)),
-        Outcome::Later(pending) => Outcome::Later(Box::pin(async move { leave(&ns, pending.await) })),
+        Outcome::Later(pending) => {
+            Outcome::Later(Box::pin(async move { leave(&ns, pending.await) }))
+        }
         Outcome::Remote(pending) => {
             Outcome::Remote(Box::pin(async move { leave(&ns, pending.await) }))
         }

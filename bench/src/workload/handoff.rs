@@ -35,7 +35,7 @@ const HANDOFF_KEY: &str = "handoff";
 
 /// Runs the workload.
 pub async fn run(opts: HandoffOpts) -> Result<Outcome, String> {
-    let endpoint = Endpoint::of(&opts.target);
+    let endpoint = Endpoint::of(&opts.target)?;
     let conns = open_all(&endpoint, opts.connections, false).await?;
     let remaining = Arc::new(AtomicI64::new(opts.requests as i64));
     let shared = Arc::new(Shared {

@@ -141,7 +141,7 @@ pub async fn run(opts: SessionOpts) -> Result<Outcome, String> {
             driver::MAX_USERS_PER_CONN
         ));
     }
-    let endpoint = Endpoint::of(&opts.target);
+    let endpoint = Endpoint::of(&opts.target)?;
     let before = Snapshot::fetch(&endpoint).await?;
     let conns = open_all(&endpoint, connections, false).await?;
 
