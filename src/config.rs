@@ -368,5 +368,9 @@ mod tests {
         assert_eq!(c.metrics, Some("127.0.0.1:9150".parse().unwrap()));
         assert_eq!(c.log_format, LogFormat::Json);
         assert!(Config::try_parse_from(["scaled", "--log-format", "xml"]).is_err());
+        let c = Config::try_parse_from(["scaled", "--allow-uid", "1000,1001", "--admin-uid", "0"])
+            .unwrap();
+        assert_eq!((c.allow_uid, c.admin_uid), (vec![1000, 1001], vec![0]));
+        assert!(Config::try_parse_from(["scaled", "--allow-gid", "staff"]).is_err());
     }
 }

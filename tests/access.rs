@@ -239,6 +239,25 @@ async fn tcp_needs_the_right_token_in_hello() {
     admin.ping().await.expect("PING");
     let stats = daemon.client().await.stats().await.expect("STATS");
     assert_eq!(stats.connections.denied, 3);
+
+    // scalectl shows the token of --token-file: a line of the daemon's own file will do.
+    let scalectl = |token_file: Option<&Path>| {
+        let mut cmd = common::scalectl_command();
+        cmd.args(["--tcp", &format!("127.0.0.1:{port}")]);
+        if let Some(path) = token_file {
+            cmd.arg("--token-file").arg(path);
+        }
+        cmd.arg("ping")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run scalectl")
+    };
+    let (_dir, web_line) = common::token_file("web     web-0123456789abcdef\n");
+    let ok = scalectl(Some(&web_line));
+    assert!(ok.status.success(), "{ok:?}");
+    let refused = scalectl(None);
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    assert!(text(&refused.stderr).contains("DENIED"), "{refused:?}");
 }
 
 #[tokio::test]

@@ -508,7 +508,10 @@ fn expected_responses() -> Vec<ExpectedResponse> {
             1,
             16,
             40,
-            err(ErrorCode::Denied, "the token in HELLO is not valid; closing"),
+            err(
+                ErrorCode::Denied,
+                "the token in HELLO is not valid; closing",
+            ),
         ),
         response("set-response", 3, 3, 15, text("OK")),
         response(
