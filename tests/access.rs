@@ -387,3 +387,53 @@ fn tcp_refuses_to_start_without_a_private_token_file() {
     let stderr = refused(&["--tcp", &port, "--auth-token-file", path]);
     assert!(stderr.contains("line 1"), "stderr: {stderr}");
 }
+
+#[tokio::test]
+async fn namespaced_keys_reach_redis_already_prefixed() {
+    let redis = common::redis_server::RedisServer::start();
+    let port = free_port();
+    let (_dir, tokens) = common::token_file(TOKENS);
+    let daemon = TestDaemon::start(&[
+        "--redis-url",
+        &redis.url(),
+        "--tcp",
+        &port.to_string(),
+        "--auth-token-file",
+        tokens.to_str().expect("utf-8 path"),
+    ]);
+    let admin = daemon.client().await;
+    let deadline = std::time::Instant::now() + common::STARTUP_LIMIT;
+    while !admin.stats().await.expect("STATS").redis.available {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Redis never became available"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let web = tcp_client(port, "web-0123456789abcdef").await.expect("web");
+    let billing = tcp_client(port, "billing-0123456789abcdef")
+        .await
+        .expect("billing");
+    web.set("session:1", b"web's", None).await.expect("SET");
+    let held = web.lock("job", LockOptions::default()).await.expect("LOCK");
+    assert!(
+        !redis.keys("*web/session:1*").is_empty() && !redis.keys("*web/job*").is_empty(),
+        "keys in Redis: {:?}",
+        redis.keys("*")
+    );
+    assert!(
+        redis.keys("*:session:1*").is_empty(),
+        "{:?}",
+        redis.keys("*")
+    );
+    // Billing's GET goes to Redis under billing's prefix, and finds nothing there.
+    assert_eq!(billing.get("session:1").await.expect("GET"), None);
+    assert_eq!(
+        billing.unlock("job", held.token()).await.expect("UNLOCK"),
+        LockStatus::NotLocked
+    );
+    assert_eq!(
+        web.get("session:1").await.expect("GET").as_deref(),
+        Some(&b"web's"[..])
+    );
+}
