@@ -326,6 +326,32 @@ async fn accept_failed(e: io::Error) {
 /// How long a refused peer's socket is kept open to take what it sent before it read its answer.
 const DENIED_LINGER: Duration = Duration::from_secs(1);
 
+/// Most refused sockets kept open at once for [`DENIED_LINGER`]; past it they close at once.
+const MAX_LINGERING: usize = 64;
+
+/// Refused sockets lingering now.
+static LINGERING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One refused socket lingering, counted in [`LINGERING`] while it lives.
+struct Lingering;
+
+impl Lingering {
+    fn take() -> Option<Lingering> {
+        LINGERING
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_LINGERING).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Lingering)
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        LINGERING.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Reads and drops up to 64 KiB, until the peer closes.
 async fn drain<R: AsyncRead + Unpin>(mut reader: R) {
     let mut buf = [0u8; 4096];
@@ -361,8 +387,11 @@ fn start_connection<R, W>(
                 let _ = writer.shutdown().await;
                 // Read (and drop) what the peer sent meanwhile, its HELLO most likely, before
                 // closing: a socket closed with unread bytes resets, and the peer would see a
-                // reset rather than the answer. Bounded in time and bytes.
-                let _ = tokio::time::timeout(DENIED_LINGER, drain(reader)).await;
+                // reset rather than the answer. Bounded in time and bytes, and in how many
+                // refused sockets linger at once, so a flood of refusals cannot hold descriptors.
+                if let Some(_lingering) = Lingering::take() {
+                    let _ = tokio::time::timeout(DENIED_LINGER, drain(reader)).await;
+                }
             });
             return;
         }
