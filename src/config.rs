@@ -30,7 +30,8 @@ pub struct Config {
     #[arg(long, env = "SCALED_TCP", value_parser = parse_tcp)]
     pub tcp: Option<SocketAddr>,
 
-    /// Allow --tcp to bind an address other than loopback. The protocol has no authentication.
+    /// Allow --tcp to bind an address other than loopback. Only the HELLO token protects it, and the
+    /// traffic is not encrypted.
     #[arg(long, env = "SCALED_TCP_ALLOW_REMOTE")]
     pub tcp_allow_remote: bool,
 
@@ -189,6 +190,32 @@ pub struct Config {
     /// effect at the next restart.
     #[arg(long, env = "SCALED_ENV_FILE")]
     pub env_file: Option<PathBuf>,
+
+    // Access control (src/access/; README "Security").
+    /// Unix peers allowed to connect, by uid (comma-separated). With neither this nor --allow-gid,
+    /// every process that can open the socket may connect; with either, a peer on neither list (and
+    /// not an --admin-uid) is answered DENIED and closed.
+    #[arg(long, env = "SCALED_ALLOW_UID", value_delimiter = ',')]
+    pub allow_uid: Vec<u32>,
+
+    /// Unix peers allowed to connect, by primary gid (comma-separated). See --allow-uid.
+    #[arg(long, env = "SCALED_ALLOW_GID", value_delimiter = ',')]
+    pub allow_gid: Vec<u32>,
+
+    /// Unix peers that are admins, by uid (comma-separated): always allowed, never confined to a
+    /// namespace, and shown every lock and figure.
+    #[arg(long, env = "SCALED_ADMIN_UID", value_delimiter = ',')]
+    pub admin_uid: Vec<u32>,
+
+    /// Confine each Unix peer that is not an admin to the key namespace of its uid (`uid-1000`), so
+    /// that apps running as different users can neither read nor lock each other's keys.
+    #[arg(long, env = "SCALED_NAMESPACE_BY_UID")]
+    pub namespace_by_uid: bool,
+
+    /// File of tokens a TCP client must show in HELLO: `TOKEN` (an admin) or `NAME TOKEN` (a peer in
+    /// namespace NAME) a line. Required with --tcp; must not be readable by others. Read at start.
+    #[arg(long, env = "SCALED_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
 
     /// Print the effective configuration as JSON and exit.
     #[arg(long)]
@@ -352,5 +379,9 @@ mod tests {
         assert_eq!(c.metrics, Some("127.0.0.1:9150".parse().unwrap()));
         assert_eq!(c.log_format, LogFormat::Json);
         assert!(Config::try_parse_from(["scaled", "--log-format", "xml"]).is_err());
+        let c = Config::try_parse_from(["scaled", "--allow-uid", "1000,1001", "--admin-uid", "0"])
+            .unwrap();
+        assert_eq!((c.allow_uid, c.admin_uid), (vec![1000, 1001], vec![0]));
+        assert!(Config::try_parse_from(["scaled", "--allow-gid", "staff"]).is_err());
     }
 }

@@ -24,6 +24,8 @@
 //!   at most [`BASE`] bytes further, as when its answers back up, so it still sees the client go.
 //! - **Work per wake-up** is at most [`BATCH`] requests; then the task yields, so one connection with a
 //!   2 MiB read of tiny requests cannot hold a worker thread from the others.
+//! - **Access**: a HELLO that access control refuses (no token, or a wrong one, on TCP) is answered
+//!   `DENIED` and nothing after it is read; the connection closes once that answer is written.
 //! - **Time**: HELLO, a begun frame, reading the answers, and doing nothing at all each have a timeout.
 //!
 //! When the connection ends (the peer closes or shuts down its write side, a timeout, an error), its
@@ -149,13 +151,22 @@ impl Drop for RemoteCount {
 }
 
 /// Serves one connection until the peer closes it, it breaks, a timeout closes it, or shutdown drains
-/// it.
-pub async fn serve<R, W>(daemon: Arc<Daemon>, conn_id: u64, mut reader: R, mut writer: W)
+/// it. The peer is unrestricted and needs no token, as on a Unix socket without access control.
+pub async fn serve<R, W>(daemon: Arc<Daemon>, conn_id: u64, reader: R, writer: W)
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut peer = Peer::new(conn_id);
+    serve_as(daemon, Peer::new(conn_id), reader, writer).await;
+}
+
+/// Serves one connection for `peer`, whose origin and scope access control has decided.
+pub async fn serve_as<R, W>(daemon: Arc<Daemon>, mut peer: Peer, mut reader: R, mut writer: W)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let conn_id = peer.conn_id;
     let departure = Departure {
         daemon: &daemon,
         conn_id,
@@ -277,6 +288,10 @@ where
                 match joined {
                     Ok((decoded, taken)) => {
                         run_request(&daemon, &mut peer, &mut bufs, &mut waits, decoded, taken);
+                        if peer.denied {
+                            reading = false;
+                            waits.abort_all();
+                        }
                     }
                     Err(e) => {
                         tracing::error!(conn = conn_id, error = %e, "decoding a frame failed; closing");
@@ -517,7 +532,8 @@ enum Drained {
     More,
     /// A frame too large to decode on the serving thread was taken; decode it aside, then go on.
     Aside(BytesMut, Instant),
-    /// A length prefix was over the limit: the stream cannot be trusted past it.
+    /// A length prefix was over the limit: the stream cannot be trusted past it. Or access control
+    /// refused the peer's HELLO: nothing more is taken from it.
     Broken,
 }
 
@@ -558,6 +574,10 @@ fn drain_frames(
         let decoded = decode_request(&body);
         drop(body);
         run_request(daemon, peer, bufs, waits, decoded, now);
+        if peer.denied {
+            // A HELLO with no valid token: nothing after it is read, and the connection closes.
+            return Drained::Broken;
+        }
     }
     if missing(&bufs.inbuf, MAX_FRAME_LEN) == 0 {
         Drained::More

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::Access;
 use crate::budget::{Budget, Reservoir};
 use crate::cache::{CacheLimits, SessionCache};
 use crate::config::Config;
@@ -43,6 +44,9 @@ pub struct Daemon {
     pub started: Instant,
     /// Cancelled when shutdown begins: listeners stop accepting and connections stop reading.
     pub shutdown: CancellationToken,
+    /// Who may connect and what each peer may reach. Open to all until [`crate::server::Server::bind`]
+    /// sets the rules the configuration asks for.
+    pub access: Access,
 }
 
 impl Daemon {
@@ -80,6 +84,7 @@ impl Daemon {
             connections: ConnectionCounters::default(),
             started,
             shutdown: CancellationToken::new(),
+            access: Access::default(),
         })
     }
 }
@@ -126,6 +131,8 @@ impl ConnectionCounters {
             current: self.current.load(Ordering::Relaxed),
             total: self.total.load(Ordering::Relaxed),
             refused: self.refused.load(Ordering::Relaxed),
+            // Counted by access control; Daemon::stats fills it in.
+            denied: 0,
         }
     }
 }

@@ -8,6 +8,8 @@
 //!   byte for byte.
 //! - [`server`]: binds the Unix socket (and optional loopback TCP), accepts connections under a limit,
 //!   runs background upkeep, and drains on shutdown.
+//! - [`access`]: who may connect (Unix peer credentials, TCP tokens) and what each peer may reach
+//!   (key namespaces, admins).
 //! - [`connection`]: one client connection; reads frames, decodes requests, writes answers as they finish.
 //! - [`context`]: the per-request context (UUID request_id, session_id, user_id, clock, tracing span).
 //! - [`cmd`]: one file per command; [`cmd::dispatch`] decides what a request does.
@@ -35,6 +37,7 @@
 //! - [`signals`]: SIGTERM/SIGINT (drain, then exit at once on a second), SIGHUP (reopen, reload).
 //! - [`logging`]: where log lines go, and what SIGHUP can change about them.
 
+pub mod access;
 pub mod budget;
 pub mod cache;
 pub mod cmd;

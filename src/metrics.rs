@@ -331,6 +331,12 @@ impl Collector for Figures {
             "Client connections refused with OVERLOADED at the connection limit.",
             n.refused,
         )?;
+        counter(
+            &mut enc,
+            "connections_denied",
+            "Peers refused by access control with DENIED (uid, gid or token).",
+            n.denied,
+        )?;
 
         // Locks.
         let l = &s.locks;

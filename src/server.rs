@@ -22,6 +22,8 @@ use tokio_util::task::TaskTracker;
 
 use scaled_client::proto::ErrorCode;
 
+use crate::access::{Access, Origin};
+use crate::cmd::Peer;
 use crate::config::Config;
 use crate::connection;
 use crate::daemon::Daemon;
@@ -53,6 +55,9 @@ pub enum StartError {
     /// The Redis settings cannot work (a bad REDIS_URL, too few connections allowed).
     #[error("{0}")]
     Redis(#[from] crate::redis::LinkError),
+    /// The access settings cannot work (TCP without a token file, an exposed or bad token file).
+    #[error(transparent)]
+    Access(#[from] crate::access::AccessError),
     /// The metrics endpoint could not start.
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
@@ -92,7 +97,8 @@ impl Server {
                 return Err(StartError::RemoteTcp(addr));
             }
         }
-        // Before the socket is claimed, so a bad --metrics leaves no socket file behind.
+        // Before the socket is claimed, so a bad token file or --metrics leaves no socket file behind.
+        let access = Access::from_config(&config)?;
         let metrics = crate::metrics::bind(&config)?;
         let socket_path = config.socket.clone();
         let path_lock = claim_socket_path(&socket_path)?;
@@ -112,8 +118,10 @@ impl Server {
             }
             None => None,
         };
+        let mut daemon = Daemon::new(config)?;
+        daemon.access = access;
         Ok(Server {
-            daemon: Arc::new(Daemon::new(config)?),
+            daemon: Arc::new(daemon),
             unix,
             tcp,
             metrics,
@@ -268,31 +276,43 @@ fn claim_socket_path(path: &Path) -> Result<File, StartError> {
     Ok(lock)
 }
 
-/// A listener whose connections split into a read half and a write half.
+/// A listener whose connections split into a read half and a write half, each with who is at the
+/// other end.
 trait Listener: Send + 'static {
     type Read: AsyncRead + Unpin + Send + 'static;
     type Write: AsyncWrite + Unpin + Send + 'static;
     fn accept_split(
         &self,
-    ) -> impl std::future::Future<Output = io::Result<(Self::Read, Self::Write)>> + Send;
+    ) -> impl std::future::Future<Output = io::Result<(Self::Read, Self::Write, Origin)>> + Send;
 }
 
 impl Listener for UnixListener {
     type Read = tokio::net::unix::OwnedReadHalf;
     type Write = tokio::net::unix::OwnedWriteHalf;
-    async fn accept_split(&self) -> io::Result<(Self::Read, Self::Write)> {
-        Ok(self.accept().await?.0.into_split())
+    async fn accept_split(&self) -> io::Result<(Self::Read, Self::Write, Origin)> {
+        let stream = self.accept().await?.0;
+        // SO_PEERCRED: the kernel's word for who connected, which the peer cannot forge.
+        let origin = match stream.peer_cred() {
+            Ok(cred) => Origin::Unix {
+                uid: cred.uid(),
+                gid: cred.gid(),
+            },
+            Err(_) => Origin::UnixUnknown,
+        };
+        let (r, w) = stream.into_split();
+        Ok((r, w, origin))
     }
 }
 
 impl Listener for TcpListener {
     type Read = tokio::net::tcp::OwnedReadHalf;
     type Write = tokio::net::tcp::OwnedWriteHalf;
-    async fn accept_split(&self) -> io::Result<(Self::Read, Self::Write)> {
+    async fn accept_split(&self) -> io::Result<(Self::Read, Self::Write, Origin)> {
         let (stream, _) = self.accept().await?;
         // Requests are small and latency-bound; never wait to coalesce them.
         stream.set_nodelay(true)?;
-        Ok(stream.into_split())
+        let (r, w) = stream.into_split();
+        Ok((r, w, Origin::Tcp))
     }
 }
 
@@ -310,7 +330,7 @@ async fn accept_loop<L: Listener>(
             accepted = listener.accept_split() => accepted,
         };
         match accepted {
-            Ok((r, w)) => start_connection(&daemon, &tracker, &limit, &ids, r, w),
+            Ok((r, w, origin)) => start_connection(&daemon, &tracker, &limit, &ids, origin, r, w),
             Err(e) => accept_failed(e).await,
         }
     }
@@ -323,11 +343,52 @@ async fn accept_failed(e: io::Error) {
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
+/// How long a refused peer's socket is kept open to take what it sent before it read its answer.
+const DENIED_LINGER: Duration = Duration::from_secs(1);
+
+/// Most refused sockets kept open at once for [`DENIED_LINGER`]; past it they close at once.
+const MAX_LINGERING: usize = 64;
+
+/// Refused sockets lingering now.
+static LINGERING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One refused socket lingering, counted in [`LINGERING`] while it lives.
+struct Lingering;
+
+impl Lingering {
+    fn take() -> Option<Lingering> {
+        LINGERING
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_LINGERING).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Lingering)
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        LINGERING.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Reads and drops up to 64 KiB, until the peer closes.
+async fn drain<R: AsyncRead + Unpin>(mut reader: R) {
+    let mut buf = [0u8; 4096];
+    for _ in 0..16 {
+        match tokio::io::AsyncReadExt::read(&mut reader, &mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
 fn start_connection<R, W>(
     daemon: &Arc<Daemon>,
     tracker: &TaskTracker,
     limit: &Arc<Semaphore>,
     ids: &AtomicU64,
+    origin: Origin,
     reader: R,
     mut writer: W,
 ) where
@@ -335,6 +396,26 @@ fn start_connection<R, W>(
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let daemon = daemon.clone();
+    // Before the connection limit: a refused peer takes no connection slot, and learns nothing more.
+    let scope = match daemon.access.admit(origin) {
+        Ok(scope) => scope,
+        Err(why) => {
+            tracker.spawn(async move {
+                let mut out = Vec::new();
+                connection::respond_unmatched(&mut out, ErrorCode::Denied, &why);
+                let _ = writer.write_all(&out).await;
+                let _ = writer.shutdown().await;
+                // Read (and drop) what the peer sent meanwhile, its HELLO most likely, before
+                // closing: a socket closed with unread bytes resets, and the peer would see a
+                // reset rather than the answer. Bounded in time and bytes, and in how many
+                // refused sockets linger at once, so a flood of refusals cannot hold descriptors.
+                if let Some(_lingering) = Lingering::take() {
+                    let _ = tokio::time::timeout(DENIED_LINGER, drain(reader)).await;
+                }
+            });
+            return;
+        }
+    };
     let Ok(permit) = limit.clone().try_acquire_owned() else {
         daemon.connections.refused();
         tracker.spawn(async move {
@@ -352,7 +433,8 @@ fn start_connection<R, W>(
     let conn_id = ids.fetch_add(1, Ordering::Relaxed);
     tracker.spawn(async move {
         let _open = daemon.connections.opened();
-        connection::serve(daemon.clone(), conn_id, reader, writer).await;
+        let peer = Peer::with_access(conn_id, origin, scope);
+        connection::serve_as(daemon.clone(), peer, reader, writer).await;
         drop(permit);
     });
 }

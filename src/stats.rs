@@ -51,7 +51,10 @@ impl Daemon {
             cache: self.cache.stats(),
             performance: self.meter.snapshot(now),
             redis: self.store.redis_stats(now),
-            connections: self.connections.stats(),
+            connections: ConnectionStats {
+                denied: self.access.denied(),
+                ..self.connections.stats()
+            },
             locks: self.locks.stats(),
             requests: self.meter.totals(),
             lock_waits: self.locks.read_waits(Buckets::from_histogram),

@@ -126,9 +126,13 @@ fn without_the_lock_contended_sessions_lose_updates_and_the_run_fails() {
 #[test]
 fn open_loop_sessions_pass_over_tcp() {
     let port = free_port();
-    let daemon = TestDaemon::start(&["--tcp", &port.to_string()]);
+    let (_dir, tokens) = common::token_file("web-bench 0123456789abcdef0123\n");
+    let tokens = tokens.to_str().expect("utf-8 path");
+    let daemon = TestDaemon::start(&["--tcp", &port.to_string(), "--auth-token-file", tokens]);
     let (status, report) = bench(&[
         "session",
+        "--token-file",
+        tokens,
         "--tcp",
         &format!("127.0.0.1:{port}"),
         "--users",
@@ -190,7 +194,9 @@ fn the_closed_loop_workloads_run_clean() {
 #[test]
 fn sessions_pass_through_the_delay_proxy() {
     let port = free_port();
-    let daemon = TestDaemon::start(&["--tcp", &port.to_string()]);
+    let (_dir, tokens) = common::token_file("0123456789abcdef0123\n");
+    let tokens = tokens.to_str().expect("utf-8 path");
+    let daemon = TestDaemon::start(&["--tcp", &port.to_string(), "--auth-token-file", tokens]);
     let proxy_port = free_port();
     let listen = format!("127.0.0.1:{proxy_port}");
     let args = [
@@ -216,6 +222,8 @@ fn sessions_pass_through_the_delay_proxy() {
     }
     let (status, report) = bench(&[
         "session",
+        "--token-file",
+        tokens,
         "--tcp",
         &listen,
         "--users",

@@ -282,6 +282,18 @@ fn expected_requests() -> Vec<(&'static str, Request)> {
         ),
         ("ping-request", Request::new(2, CommandName::Ping)),
         (
+            "hello-token-request",
+            Request {
+                args: Args {
+                    version: Some(PROTOCOL_VERSION),
+                    client: Some("example".into()),
+                    token: Some("web-0123456789abcdef".into()),
+                    ..Args::default()
+                },
+                ..Request::new(1, CommandName::Hello)
+            },
+        ),
+        (
             "set-request",
             Request {
                 args: Args {
@@ -491,6 +503,16 @@ fn expected_responses() -> Vec<ExpectedResponse> {
     vec![
         response("hello-response", 1, 1, 42, Answer::Ok(hello, hello_value)),
         response("ping-response", 2, 2, 7, text("PONG")),
+        response(
+            "denied-response",
+            1,
+            16,
+            40,
+            err(
+                ErrorCode::Denied,
+                "the token in HELLO is not valid; closing",
+            ),
+        ),
         response("set-response", 3, 3, 15, text("OK")),
         response(
             "get-hit-response",

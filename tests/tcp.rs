@@ -1,4 +1,5 @@
-//! The optional loopback TCP listener: same protocol as the Unix socket, loopback unless told otherwise.
+//! The optional loopback TCP listener: same protocol as the Unix socket, loopback unless told otherwise,
+//! and a token in HELLO (tests/access.rs has the token's own tests).
 
 mod common;
 
@@ -17,8 +18,13 @@ fn free_port() -> u16 {
 #[tokio::test]
 async fn tcp_serves_the_same_protocol_and_state() {
     let port = free_port();
-    let daemon = TestDaemon::start(&["--tcp", &port.to_string()]);
-    let over_tcp = Client::connect(Endpoint::Tcp(format!("127.0.0.1:{port}")), "tcp-test")
+    let (_dir, tokens) = common::token_file("0123456789abcdef0123\n");
+    let tokens = tokens.to_str().expect("utf-8 path");
+    let daemon = TestDaemon::start(&["--tcp", &port.to_string(), "--auth-token-file", tokens]);
+    let over_tcp = Client::builder(Endpoint::Tcp(format!("127.0.0.1:{port}")))
+        .name("tcp-test")
+        .token("0123456789abcdef0123")
+        .connect()
         .await
         .expect("connect over TCP");
     over_tcp

@@ -22,27 +22,51 @@ use crate::wire::{self, Expect};
 pub enum Endpoint {
     /// A Unix socket path.
     Unix(std::path::PathBuf),
-    /// A TCP address.
-    Tcp(String),
+    /// A TCP address, and the token scaled's TCP listener asks for in HELLO.
+    Tcp(String, Option<String>),
 }
 
 impl Endpoint {
-    /// The endpoint the options name.
-    pub fn of(target: &Target) -> Endpoint {
-        match (&target.socket, &target.tcp) {
+    /// The endpoint the options name; reads the token of `--token-file`.
+    pub fn of(target: &Target) -> Result<Endpoint, String> {
+        Ok(match (&target.socket, &target.tcp) {
             (Some(path), _) => Endpoint::Unix(path.clone()),
-            (None, Some(addr)) => Endpoint::Tcp(addr.clone()),
+            (None, Some(addr)) => Endpoint::Tcp(addr.clone(), read_token(target)?),
             // clap requires one of the two.
             (None, None) => Endpoint::Unix("/run/scaled/scaled.sock".into()),
-        }
+        })
     }
 
     fn describe(&self) -> String {
         match self {
             Endpoint::Unix(path) => path.display().to_string(),
-            Endpoint::Tcp(addr) => addr.clone(),
+            Endpoint::Tcp(addr, _) => addr.clone(),
         }
     }
+
+    /// The token to show in HELLO, if any.
+    fn token(&self) -> Option<String> {
+        match self {
+            Endpoint::Unix(_) => None,
+            Endpoint::Tcp(_, token) => token.clone(),
+        }
+    }
+}
+
+/// The token in `--token-file`: the last field of its first line that is neither blank nor a
+/// comment, so both a bare token and a line of the daemon's own token file work.
+fn read_token(target: &Target) -> Result<Option<String>, String> {
+    let Some(path) = &target.token_file else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the token file {}: {e}", path.display()))?;
+    text.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .and_then(|l| l.split_whitespace().last())
+        .map(|t| Some(t.to_string()))
+        .ok_or_else(|| format!("the token file {} holds no token", path.display()))
 }
 
 /// A Unix or TCP stream behind one type, so every workload runs over both.
@@ -62,7 +86,7 @@ impl Stream {
                 .await
                 .map(Stream::Unix)
                 .map_err(failed),
-            Endpoint::Tcp(addr) => {
+            Endpoint::Tcp(addr, _) => {
                 let stream = TcpStream::connect(addr).await.map_err(failed)?;
                 // Requests are small and latency-bound.
                 stream.set_nodelay(true).map_err(failed)?;
@@ -140,6 +164,7 @@ impl Conn {
             args: Args {
                 version: Some(PROTOCOL_VERSION),
                 client: Some("scaled-bench".into()),
+                token: endpoint.token(),
                 ..Args::default()
             },
             ..Request::new(1, CommandName::Hello)

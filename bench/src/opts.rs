@@ -50,6 +50,11 @@ pub struct Target {
     #[arg(long)]
     pub tcp: Option<String>,
 
+    /// File holding the token scaled's TCP listener asks for in HELLO: the token alone, or a
+    /// `NAME TOKEN` line of the daemon's --auth-token-file.
+    #[arg(long, env = "SCALED_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+
     /// Print one JSON object on stdout instead of the table.
     #[arg(long)]
     pub json: bool,

@@ -187,6 +187,9 @@ pub struct ConnectionStats {
     pub total: u64,
     /// Turned away with `OVERLOADED` at the connection limit, since start.
     pub refused: u64,
+    /// Refused by access control with `DENIED` (a uid or gid not allowed, a missing or wrong token),
+    /// since start.
+    pub denied: u64,
 }
 
 /// STATS `locks`.

@@ -67,6 +67,8 @@ struct Shared {
     endpoint: Endpoint,
     /// Sent in HELLO so the daemon's logs can say who is talking.
     name: String,
+    /// Sent in HELLO as `token`: the shared secret a TCP listener asks for.
+    token: Option<String>,
     /// Longest a connect plus its HELLO may take; `None` waits as long as the OS does.
     connect_timeout: Option<Duration>,
     /// Longest a request may wait for its answer beyond the wait it asked for itself (a LOCK's
@@ -124,6 +126,8 @@ pub struct ClientBuilder {
     endpoint: Endpoint,
     /// The name sent in HELLO.
     name: String,
+    /// See [`ClientBuilder::token`].
+    token: Option<String>,
     /// See [`ClientBuilder::connect_timeout`].
     connect_timeout: Option<Duration>,
     /// See [`ClientBuilder::request_timeout`].
@@ -135,6 +139,14 @@ impl ClientBuilder {
     /// Default: `scaled-client`.
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
+        self
+    }
+
+    /// The token to show in HELLO: a line of the daemon's `--auth-token-file`, which its TCP
+    /// listener requires (a Unix socket ignores it). A missing or wrong token fails the connect with
+    /// [`Error::Denied`]. Default: none.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
         self
     }
 
@@ -160,6 +172,7 @@ impl ClientBuilder {
         let shared = Arc::new(Shared {
             endpoint: self.endpoint,
             name: self.name,
+            token: self.token,
             connect_timeout: self.connect_timeout,
             request_timeout: self.request_timeout,
             conn: RwLock::new(None),
@@ -182,6 +195,7 @@ impl Client {
         ClientBuilder {
             endpoint,
             name: "scaled-client".to_string(),
+            token: None,
             connect_timeout: None,
             request_timeout: None,
         }
@@ -366,7 +380,11 @@ impl Client {
         if let Some(conn) = self.current() {
             return Ok(conn);
         }
-        let opening = open(&self.shared.endpoint, &self.shared.name);
+        let opening = open(
+            &self.shared.endpoint,
+            &self.shared.name,
+            self.shared.token.as_deref(),
+        );
         let conn = match self.shared.connect_timeout {
             Some(limit) => tokio::time::timeout(limit, opening).await.map_err(|_| {
                 Error::Timeout(format!(
@@ -421,7 +439,7 @@ type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
 type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
 
 /// Opens a connection, says HELLO, and starts its reader and writer tasks.
-async fn open(endpoint: &Endpoint, name: &str) -> Result<Conn> {
+async fn open(endpoint: &Endpoint, name: &str, token: Option<&str>) -> Result<Conn> {
     let (mut reader, mut writer): (BoxRead, BoxWrite) = match endpoint {
         Endpoint::Unix(path) => {
             let (r, w) = UnixStream::connect(path).await?.into_split();
@@ -438,6 +456,7 @@ async fn open(endpoint: &Endpoint, name: &str) -> Result<Conn> {
         args: Args {
             version: Some(PROTOCOL_VERSION),
             client: Some(name.to_string()),
+            token: token.map(str::to_string),
             ..Args::default()
         },
         ..Request::new(HELLO_ID, CommandName::Hello)

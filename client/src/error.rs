@@ -58,6 +58,10 @@ pub enum Error {
     /// frame, or idle for too long). The client reconnects on its next call.
     #[error("TIMEOUT: {0}")]
     ConnectionTimedOut(String),
+    /// `DENIED`: access control refused this client (its uid or gid is not allowed, or its token is
+    /// missing or wrong); the daemon closed the connection.
+    #[error("DENIED: {0}")]
+    Denied(String),
     /// The connection could not be made, or broke.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
@@ -94,6 +98,7 @@ impl Error {
             Error::Unavailable(_) => ErrorCode::Unavailable,
             Error::Internal(_) => ErrorCode::Internal,
             Error::ConnectionTimedOut(_) => ErrorCode::Timeout,
+            Error::Denied(_) => ErrorCode::Denied,
             Error::Io(_) | Error::ConnectionLost | Error::Protocol(_) | Error::Timeout(_) => {
                 return None
             }
@@ -120,6 +125,7 @@ impl Error {
             ErrorCode::Unavailable => Error::Unavailable(message),
             ErrorCode::Internal => Error::Internal(message),
             ErrorCode::Timeout => Error::ConnectionTimedOut(message),
+            ErrorCode::Denied => Error::Denied(message),
         }
     }
 }

@@ -135,7 +135,8 @@ pub struct Args {
     /// LOCK: keep the lease alive for as long as this connection is open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_renew: Option<bool>,
-    /// UNLOCK, EXTEND: the owner token LOCK returned.
+    /// UNLOCK, EXTEND: the owner token LOCK returned. HELLO: the shared secret a TCP listener asks
+    /// for (`--auth-token-file`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
     /// SET, DEL: refuse the write unless this fencing token is still the newest on its lock.
@@ -244,11 +245,15 @@ pub enum ErrorCode {
     /// SCALED_HELLO_TIMEOUT, a frame not finished within SCALED_FRAME_TIMEOUT, or nothing done for
     /// SCALED_IDLE_TIMEOUT.
     Timeout,
+    /// Access control refused the peer: its uid or gid is not allowed on the Unix socket (id 0, then
+    /// closed), or HELLO on an authenticated listener had no token or a wrong one (the HELLO's id,
+    /// then closed). Only a daemon configured with access control sends it.
+    Denied,
 }
 
 impl ErrorCode {
     /// Every code, in the order proto-spec.md lists them.
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::Malformed,
         ErrorCode::FrameTooLarge,
         ErrorCode::HelloRequired,
@@ -266,6 +271,7 @@ impl ErrorCode {
         ErrorCode::Unavailable,
         ErrorCode::Internal,
         ErrorCode::Timeout,
+        ErrorCode::Denied,
     ];
 
     /// The wire name.
@@ -288,6 +294,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "UNAVAILABLE",
             ErrorCode::Internal => "INTERNAL",
             ErrorCode::Timeout => "TIMEOUT",
+            ErrorCode::Denied => "DENIED",
         }
     }
 

@@ -246,14 +246,24 @@ def test_tcp_and_urls(short_tmp: Path) -> None:
     with sockets.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    daemon = Daemon(short_tmp, args=("--tcp", str(port)))
+    tokens = short_tmp / "tokens"
+    tokens.write_text("web web-0123456789abcdef\n")
+    tokens.chmod(0o600)
+    daemon = Daemon(short_tmp, args=("--tcp", str(port), "--auth-token-file", str(tokens)))
     try:
         with (
-            scaled.Client(tcp=f"127.0.0.1:{port}") as tcp,
+            scaled.Client(tcp=f"127.0.0.1:{port}", token="web-0123456789abcdef") as tcp,
             scaled.Client.from_url(f"unix://{daemon.socket_path}") as unix,
         ):
             tcp.set("shared", b"one cache")
-            assert unix.get("shared") == b"one cache"
+            # The token's line names the namespace `web`: its keys are its own, prefixed inside.
+            assert unix.get("shared") is None
+            assert unix.get("web/shared") == b"one cache"
+            assert tcp.server_info["max_key"] == 1024 - len("web/")
+        with pytest.raises(scaled.DeniedError, match="not valid"):
+            scaled.Client(tcp=f"127.0.0.1:{port}", token="wrong-0123456789abcdef").ping()
+        with pytest.raises(scaled.DeniedError, match="needs `token`"):
+            scaled.Client(tcp=f"127.0.0.1:{port}").ping()
     finally:
         daemon.stop(signal.SIGKILL)
 

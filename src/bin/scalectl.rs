@@ -32,6 +32,11 @@ struct Cli {
     #[arg(long, global = true)]
     tcp: Option<String>,
 
+    /// File holding the token to show in HELLO, which the daemon's TCP listener requires: the token
+    /// alone, or a `NAME TOKEN` line copied from the daemon's --auth-token-file.
+    #[arg(long, global = true, env = "SCALED_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+
     #[command(subcommand)]
     command: Cmd,
 }
@@ -134,7 +139,14 @@ async fn run(cli: Cli) -> ExitCode {
         Endpoint::Unix(p) => p.display().to_string(),
         Endpoint::Tcp(a) => a.clone(),
     };
-    let client = match Client::connect(endpoint, "scalectl").await {
+    let mut builder = Client::builder(endpoint).name("scalectl");
+    if let Some(path) = &cli.token_file {
+        match read_token(path) {
+            Ok(token) => builder = builder.token(token),
+            Err(e) => return fail(e),
+        }
+    }
+    let client = match builder.connect().await {
         Ok(c) => c,
         Err(e) => return fail(format!("cannot reach scaled at {where_}: {e}")),
     };
@@ -166,6 +178,19 @@ async fn run(cli: Cli) -> ExitCode {
 }
 
 type CmdResult = Result<ExitCode, String>;
+
+/// The token in a token file: the last field of its first line that is neither blank nor a comment,
+/// so both a bare token and a line of the daemon's own token file work.
+fn read_token(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the token file {}: {e}", path.display()))?;
+    text.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .and_then(|l| l.split_whitespace().last())
+        .map(str::to_string)
+        .ok_or_else(|| format!("the token file {} holds no token", path.display()))
+}
 
 async fn ping(client: &Client) -> CmdResult {
     let start = std::time::Instant::now();

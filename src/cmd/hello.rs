@@ -1,4 +1,7 @@
-//! HELLO: the first request on every connection; agrees the protocol version.
+//! HELLO: the first request on every connection; agrees the protocol version, and on a listener that
+//! needs one, checks the peer's token and so decides what it may reach.
+
+use std::sync::Arc;
 
 use scaled_client::answers::Welcome;
 use scaled_client::proto::{
@@ -7,8 +10,10 @@ use scaled_client::proto::{
 };
 
 use super::{CommandError, CommandResult, Peer, Reply};
+use crate::access::{Origin, Scope};
+use crate::daemon::Daemon;
 
-pub fn run(peer: &mut Peer, args: Args) -> CommandResult {
+pub fn run(daemon: &Arc<Daemon>, peer: &mut Peer, args: Args) -> CommandResult {
     let version = args
         .version
         .ok_or_else(|| CommandError::new(ErrorCode::BadArgument, "missing argument `version`"))?;
@@ -29,14 +34,46 @@ pub fn run(peer: &mut Peer, args: Args) -> CommandResult {
             ),
         ));
     }
-    tracing::debug!(conn = peer.conn_id, client = %name, "hello");
-    peer.owner = std::sync::Arc::from(format!("{name}#{}", peer.conn_id));
+    if peer.origin == Origin::Tcp {
+        let scope = daemon.access.authenticate(args.token.as_deref());
+        // A later HELLO must show a token of the same scope: a connection's keys and locks never
+        // move from one namespace to another.
+        let scope = scope.and_then(|scope| {
+            if peer.greeted && scope != peer.scope {
+                Err("a connection keeps the scope of its first HELLO".to_string())
+            } else {
+                Ok(scope)
+            }
+        });
+        match scope {
+            Ok(scope) => peer.scope = scope,
+            Err(why) => {
+                peer.denied = true;
+                return Err(CommandError::new(
+                    ErrorCode::Denied,
+                    format!("{why}; closing"),
+                ));
+            }
+        }
+    }
+    let namespace = peer.scope.namespace();
+    tracing::debug!(
+        conn = peer.conn_id,
+        client = %name,
+        namespace = namespace.map_or("", |ns| ns.name()),
+        "hello"
+    );
+    peer.owner = Arc::from(format!("{name}#{}", peer.conn_id));
     peer.greeted = true;
+    let max_key = match &peer.scope {
+        Scope::Unrestricted => MAX_KEY_LEN,
+        Scope::Namespace(ns) => ns.max_key(),
+    };
     Reply::encode(&Welcome {
         version: PROTOCOL_VERSION,
         server: concat!("scaled ", env!("CARGO_PKG_VERSION")).to_string(),
         max_frame: MAX_FRAME_LEN as u64,
-        max_key: MAX_KEY_LEN as u64,
+        max_key: max_key as u64,
         max_value: MAX_VALUE_LEN as u64,
     })
 }

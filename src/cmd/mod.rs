@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use scaled_client::proto::{Args, CommandName, ErrorCode, Fence, Request, MAX_KEY_LEN};
 
+use crate::access::{Namespace, Origin, Scope};
 use crate::daemon::Daemon;
 use crate::locks::{Grant, Status};
 use crate::store::degraded::Marked;
@@ -283,16 +284,33 @@ pub struct Peer {
     pub owner: Arc<str>,
     /// Cancelled when the connection closes, so none of its queued LOCKs can be granted after.
     pub alive: CancellationToken,
+    /// Which listener it came in on, and as whom: a TCP peer must show a token in HELLO.
+    pub origin: Origin,
+    /// What it may reach: everything, or one key namespace. Set at accept for a Unix peer, by the
+    /// token in HELLO for a TCP peer.
+    pub scope: Scope,
+    /// Set when access control refused its HELLO: the connection reads nothing more and closes.
+    pub denied: bool,
 }
 
 impl Peer {
-    /// A connection that has not said HELLO yet.
+    /// A connection that has not said HELLO yet, accepted without access control: unrestricted,
+    /// and needing no token.
     pub fn new(conn_id: u64) -> Peer {
+        Peer::with_access(conn_id, Origin::UnixUnknown, Scope::Unrestricted)
+    }
+
+    /// A connection that has not said HELLO yet, from `origin`, with the scope access control gave it
+    /// at accept (a TCP peer's is decided by its HELLO).
+    pub fn with_access(conn_id: u64, origin: Origin, scope: Scope) -> Peer {
         Peer {
             conn_id,
             greeted: false,
             owner: Arc::from(format!("#{conn_id}")),
             alive: CancellationToken::new(),
+            origin,
+            scope,
+            denied: false,
         }
     }
 }
@@ -305,22 +323,37 @@ pub fn dispatch(daemon: &Arc<Daemon>, peer: &mut Peer, request: Request, now: In
             "send HELLO with the protocol version before any other command",
         ));
     }
-    let args = request.args;
+    let mut args = request.args;
+    // The one place keys enter a namespace: every command below, and the store behind them, sees
+    // the prefixed key only.
+    let namespace = peer.scope.namespace().cloned();
+    if let Some(ns) = &namespace {
+        use CommandName::*;
+        if matches!(request.cmd, Get | Set | Del | Lock | Unlock | Extend) {
+            if let Err(e) = ns.enter(&mut args) {
+                return Outcome::failed(e);
+            }
+        }
+    }
     let outcome = match request.cmd {
-        CommandName::Hello => hello::run(peer, args).into(),
+        CommandName::Hello => hello::run(daemon, peer, args).into(),
         CommandName::Ping => ping::run(args),
         CommandName::Get => get::run(daemon, args, now).into(),
         CommandName::Set => set::run(daemon, args, now).into(),
         CommandName::Del => del::run(daemon, args, now).into(),
-        CommandName::Stats => stats::run(daemon, now).into(),
+        CommandName::Stats => stats::run(daemon, &peer.scope, now).into(),
         CommandName::Lock => lock::run(daemon, peer, args, now),
         CommandName::Unlock => unlock::run(daemon, args, now).into(),
         CommandName::Extend => extend::run(daemon, args, now).into(),
-        CommandName::Locks => locks::run(daemon, args, now).into(),
+        CommandName::Locks => locks::run(daemon, &peer.scope, args, now).into(),
         CommandName::Unknown => Outcome::failed(CommandError::new(
             ErrorCode::UnknownCommand,
             "unknown command; see proto-spec.md for the list",
         )),
+    };
+    let outcome = match namespace {
+        Some(ns) => unprefixed(ns, outcome),
+        None => outcome,
     };
     // An answer made at once while Redis is unreachable is made without it, whatever the command.
     match outcome {
@@ -329,6 +362,26 @@ pub fn dispatch(daemon: &Arc<Daemon>, peer: &mut Peer, request: Request, now: In
             Outcome::Done(answer)
         }
         later => later,
+    }
+}
+
+/// Takes a namespace's prefix out of an answer's error message, now or when it finishes, so that a
+/// namespaced peer sees only its own key names. (LOCKS strips its rows itself.)
+fn unprefixed(ns: Arc<Namespace>, outcome: Outcome) -> Outcome {
+    fn leave(ns: &Namespace, mut answer: Answer) -> Answer {
+        if let Err(e) = &mut answer.result {
+            ns.leave(e);
+        }
+        answer
+    }
+    match outcome {
+        Outcome::Done(answer) => Outcome::Done(leave(&ns, answer)),
+        Outcome::Later(pending) => {
+            Outcome::Later(Box::pin(async move { leave(&ns, pending.await) }))
+        }
+        Outcome::Remote(pending) => {
+            Outcome::Remote(Box::pin(async move { leave(&ns, pending.await) }))
+        }
     }
 }
 

@@ -622,10 +622,31 @@ impl LockTable {
     /// The locks held now whose keys come after `after` (from the first without it), in key order, at
     /// most `limit` of them (and never more than [`MAX_LOCKS_PAGE`]). The work is O(log n + page).
     pub fn page(&self, after: Option<&str>, limit: usize, now: Instant) -> LockPage {
+        self.page_within("", after, limit, now)
+    }
+
+    /// A page of the held locks whose keys start with `prefix` (a key namespace), after `after` (a
+    /// whole key, prefix included). Keys with one prefix are contiguous in byte order, so the walk
+    /// still costs only its own rows; `total` counts the namespace's held locks, which costs one step
+    /// per lock of that namespace.
+    pub fn page_within(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        now: Instant,
+    ) -> LockPage {
         let limit = limit.clamp(1, MAX_LOCKS_PAGE);
         let st = self.state.lock();
-        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
-        let mut keys = st.held.range::<str, _>((start, Bound::Unbounded));
+        let start = match after {
+            Some(after) => Bound::Excluded(after),
+            None if prefix.is_empty() => Bound::Unbounded,
+            None => Bound::Included(prefix),
+        };
+        let mut keys = st
+            .held
+            .range::<str, _>((start, Bound::Unbounded))
+            .take_while(|k| k.starts_with(prefix));
         let mut locks = Vec::with_capacity(limit.min(st.held.len()));
         for key in keys.by_ref().take(limit) {
             let Some(entry) = st.entries.get(key) else {
@@ -648,9 +669,17 @@ impl LockTable {
         let next = more
             .then(|| locks.last().map(|row| row.key.clone()))
             .flatten();
+        let total = if prefix.is_empty() {
+            st.held.len()
+        } else {
+            st.held
+                .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+                .take_while(|k| k.starts_with(prefix))
+                .count()
+        };
         LockPage {
             locks,
-            total: st.held.len() as u64,
+            total: total as u64,
             next,
         }
     }

@@ -208,6 +208,17 @@ impl Drop for TestDaemon {
     }
 }
 
+/// A token file for `--auth-token-file` (and a client's `--token-file`) holding `contents`, with the
+/// mode 600 the daemon requires, in a fresh directory that lives as long as the returned guard.
+pub fn token_file(contents: &str) -> (tempfile::TempDir, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("tokens");
+    std::fs::write(&path, contents).expect("write the token file");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
+    (dir, path)
+}
+
 /// A connection that speaks frames directly, for tests of the protocol itself.
 pub struct RawConn {
     pub stream: UnixStream,

@@ -40,7 +40,7 @@ const HANDOFF_KEY: &str = "handoff";
 
 /// Runs the workload.
 pub async fn run(opts: HandoffOpts) -> Result<Outcome, String> {
-    let endpoints: Vec<Endpoint> = std::iter::once(Endpoint::of(&opts.target))
+    let endpoints: Vec<Endpoint> = std::iter::once(Endpoint::of(&opts.target)?)
         .chain(opts.also_socket.iter().cloned().map(Endpoint::Unix))
         .collect();
     let daemons = endpoints.len() as u64;

@@ -27,7 +27,7 @@ pub const LOCK_TTL_MS: u64 = 10_000;
 
 /// Runs the workload.
 pub async fn run(opts: LockOpts) -> Result<Outcome, String> {
-    let endpoint = Endpoint::of(&opts.target);
+    let endpoint = Endpoint::of(&opts.target)?;
     let conns = open_all(&endpoint, opts.connections, opts.resp).await?;
     let remaining = Arc::new(AtomicI64::new(opts.requests as i64));
     let counters = Arc::new(Counters::default());

@@ -43,7 +43,7 @@ impl Kind {
 
 /// Runs the workload.
 pub async fn run(kind: Kind, opts: RequestOpts) -> Result<Outcome, String> {
-    let endpoint = Endpoint::of(&opts.target);
+    let endpoint = Endpoint::of(&opts.target)?;
     let mut conns = open_all(&endpoint, opts.connections, opts.resp).await?;
     if kind == Kind::Get && !opts.no_preload {
         preload(&mut conns[0], &opts).await?;

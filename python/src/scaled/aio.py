@@ -186,6 +186,7 @@ class Client:
         *,
         tcp: Union[str, tuple[str, int], None] = None,
         name: str = "scaled-py-aio",
+        token: Optional[str] = None,
         connect_timeout: float = 5.0,
         timeout: Optional[float] = 10.0,
     ) -> None:
@@ -193,6 +194,9 @@ class Client:
         self.endpoint = protocol.endpoint(None if path is None else os.fspath(path), tcp)
         #: Sent in HELLO, for the daemon's logs and LOCKS.
         self.name = name
+        #: Sent in HELLO as ``token``: the shared secret the daemon's TCP listener requires. A missing or
+        #: wrong one fails the connect with :class:`scaled.DeniedError`.
+        self.token = token
         #: Seconds to connect and be answered HELLO.
         self.connect_timeout = connect_timeout
         #: Seconds to wait for an answer beyond what the request itself may take; ``None``: no limit.
@@ -394,7 +398,7 @@ class Client:
             await asyncio.wait_for(opening, self.connect_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             raise ConnectError(f"cannot connect to the scaled daemon at {where}: {exc!r}") from None
-        call = protocol.hello(self.name)
+        call = protocol.hello(self.name, self.token)
         request_id = next(self._ids)
         waiter = _Waiter(loop.create_future(), None)
         if not conn.send(request_id, protocol.encode_request(request_id, call.cmd, call.args), waiter):

@@ -239,7 +239,9 @@ class Client:
 
     ``Client()`` finds the daemon at ``$SCALED_SOCKET`` (default ``/run/scaled/scaled.sock``); give a
     socket ``path``, or ``tcp="127.0.0.1:7070"``, to choose. It connects on the first call (or on
-    :meth:`connect`), says HELLO, and reconnects on the next call after the connection ends.
+    :meth:`connect`), says HELLO, and reconnects on the next call after the connection ends. Over TCP
+    the daemon requires ``token``, a line of its ``--auth-token-file``; a wrong or missing one raises
+    :class:`scaled.DeniedError`.
 
     ``connect_timeout`` bounds connecting and HELLO; ``timeout`` bounds the wait for each answer (plus a
     LOCK's ``wait`` or a PING's ``delay``); ``None`` waits as long as it takes. Requests made inside
@@ -252,6 +254,7 @@ class Client:
         *,
         tcp: Union[str, tuple[str, int], None] = None,
         name: str = "scaled-py",
+        token: Optional[str] = None,
         connect_timeout: float = 5.0,
         timeout: Optional[float] = 10.0,
     ) -> None:
@@ -259,6 +262,9 @@ class Client:
         self.endpoint = protocol.endpoint(None if path is None else os.fspath(path), tcp)
         #: Sent in HELLO, so the daemon's logs and LOCKS can say whose connection this is.
         self.name = name
+        #: Sent in HELLO as ``token``: the shared secret the daemon's TCP listener requires. A missing or
+        #: wrong one fails the connect with :class:`scaled.DeniedError`.
+        self.token = token
         #: Seconds to connect and be answered HELLO.
         self.connect_timeout = connect_timeout
         #: Seconds to wait for an answer beyond what the request itself may take; ``None``: no limit.
@@ -469,7 +475,7 @@ class Client:
         except OSError as exc:
             raise ConnectError(f"cannot connect to the scaled daemon at {where}: {exc}") from None
         conn = _Connection(sock, where, _give_back_via(weakref.ref(self)))
-        call = protocol.hello(self.name)
+        call = protocol.hello(self.name, self.token)
         request_id = next(self._ids)
         waiter = _Waiter(None)
         if not conn.send(request_id, protocol.encode_request(request_id, call.cmd, call.args), waiter):

@@ -211,6 +211,13 @@ class ConnectionTimedOutError(ServerError):
     code = "TIMEOUT"
 
 
+class DeniedError(ServerError, PermissionError):
+    """``DENIED``: access control refused this client: its uid or gid is not allowed on the Unix
+    socket, or its ``token`` (required over TCP) is missing or wrong. The daemon closed the connection."""
+
+    code = "DENIED"
+
+
 class UnknownServerError(InternalError):
     """An error code this client does not know, handled as ``INTERNAL`` (proto-spec.md, "Error codes").
 
@@ -242,6 +249,7 @@ ERRORS_BY_CODE: dict[str, type[ServerError]] = {
         UnavailableError,
         InternalError,
         ConnectionTimedOutError,
+        DeniedError,
     )
 }
 

@@ -445,9 +445,10 @@ def _parse_locks(ok: Any) -> list[LockInfo]:
     return out
 
 
-def hello(name: str) -> Call[dict[str, Any]]:
-    """HELLO: opens the conversation; answers the daemon's limits and name."""
-    return Call("HELLO", {"version": PROTOCOL_VERSION, "client": name}, _parse_hello)
+def hello(name: str, token: Optional[str] = None) -> Call[dict[str, Any]]:
+    """HELLO: opens the conversation; answers the daemon's limits and name. ``token`` is the shared
+    secret a TCP listener requires (a line of the daemon's ``--auth-token-file``)."""
+    return Call("HELLO", {"version": PROTOCOL_VERSION, "client": name, "token": token}, _parse_hello)
 
 
 def ping(delay: Optional[Seconds] = None) -> Call[bool]:

@@ -134,7 +134,7 @@ pub async fn run(opts: SessionOpts) -> Result<Outcome, String> {
     if !(opts.think_ms.is_finite() && opts.think_ms >= 0.0) {
         return Err(format!("--think-ms {} must be 0 or more", opts.think_ms));
     }
-    let endpoints: Vec<Endpoint> = std::iter::once(Endpoint::of(&opts.target))
+    let endpoints: Vec<Endpoint> = std::iter::once(Endpoint::of(&opts.target)?)
         .chain(opts.also_socket.iter().cloned().map(Endpoint::Unix))
         .collect();
     let daemons = endpoints.len() as u64;
