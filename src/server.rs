@@ -100,13 +100,8 @@ impl Server {
         // Before the socket is claimed, so a bad token file or --metrics leaves no socket file behind.
         let access = Access::from_config(&config)?;
         let metrics = crate::metrics::bind(&config)?;
-        let socket_path = config.socket.clone();
-        let path_lock = claim_socket_path(&socket_path)?;
-        let unix = UnixListener::bind(&socket_path)
-            .map_err(io_err(format!("binding {}", socket_path.display())))?;
-        fs::set_permissions(&socket_path, Permissions::from_mode(config.socket_mode)).map_err(
-            io_err(format!("setting the mode of {}", socket_path.display())),
-        )?;
+        // TCP before the Unix socket: once the socket accepts (which is how a supervisor or a test
+        // sees the daemon up) the TCP port does too, and a port in use leaves no socket file.
         let tcp = match config.tcp {
             Some(addr) => {
                 let listener = std::net::TcpListener::bind(addr)
@@ -118,6 +113,13 @@ impl Server {
             }
             None => None,
         };
+        let socket_path = config.socket.clone();
+        let path_lock = claim_socket_path(&socket_path)?;
+        let unix = UnixListener::bind(&socket_path)
+            .map_err(io_err(format!("binding {}", socket_path.display())))?;
+        fs::set_permissions(&socket_path, Permissions::from_mode(config.socket_mode)).map_err(
+            io_err(format!("setting the mode of {}", socket_path.display())),
+        )?;
         let mut daemon = Daemon::new(config)?;
         daemon.access = access;
         Ok(Server {
