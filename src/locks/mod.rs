@@ -71,7 +71,7 @@ const IDLE_TICK: Duration = Duration::from_secs(1);
 const UPKEEP_BATCH: usize = 256;
 
 /// The most locks of a closing connection released per hold of the mutex.
-const RELEASE_BATCH: usize = 256;
+const RELEASE_BATCH: usize = 64;
 
 /// What bounds the table's memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
