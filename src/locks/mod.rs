@@ -23,6 +23,7 @@
 //! Time is the tokio clock (monotonic, and pausable in tests). The table knows nothing of sockets: a
 //! connection is a number and a cancellation token.
 
+mod free;
 mod state;
 mod ticket;
 
@@ -68,7 +69,7 @@ const IDLE_TICK: Duration = Duration::from_secs(1);
 
 /// The most deadlines or prunes one pass of the expiry task handles while holding the mutex; it yields
 /// between passes, so a mass expiry never stalls the other requests for long.
-const UPKEEP_BATCH: usize = 256;
+const UPKEEP_BATCH: usize = 64;
 
 /// The most locks of a closing connection released per hold of the mutex.
 const RELEASE_BATCH: usize = 64;
