@@ -497,7 +497,7 @@ impl Buffers {
 struct Departure<'a> {
     daemon: &'a Daemon,
     conn_id: u64,
-    alive: tokio_util::sync::CancellationToken,
+    alive: Arc<tokio_util::sync::CancellationToken>,
 }
 
 impl Departure<'_> {

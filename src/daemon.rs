@@ -41,8 +41,9 @@ pub struct Daemon {
     pub connections: ConnectionCounters,
     /// When the daemon started, for uptime.
     pub started: Instant,
-    /// Cancelled when shutdown begins: listeners stop accepting and connections stop reading.
-    pub shutdown: CancellationToken,
+    /// Cancelled when shutdown begins: listeners stop accepting and connections stop reading. Behind
+    /// an `Arc` because every LOCK takes a copy, and cloning the token itself locks a mutex.
+    pub shutdown: Arc<CancellationToken>,
 }
 
 impl Daemon {
@@ -79,7 +80,7 @@ impl Daemon {
             waiting,
             connections: ConnectionCounters::default(),
             started,
-            shutdown: CancellationToken::new(),
+            shutdown: Arc::new(CancellationToken::new()),
         })
     }
 }

@@ -282,7 +282,8 @@ pub struct Peer {
     /// "name#conn", shown as the owner of the locks this connection takes.
     pub owner: Arc<str>,
     /// Cancelled when the connection closes, so none of its queued LOCKs can be granted after.
-    pub alive: CancellationToken,
+    /// Shared behind an `Arc`: every LOCK takes a copy, and cloning the token itself locks a mutex.
+    pub alive: Arc<CancellationToken>,
 }
 
 impl Peer {
@@ -292,7 +293,7 @@ impl Peer {
             conn_id,
             greeted: false,
             owner: Arc::from(format!("#{conn_id}")),
-            alive: CancellationToken::new(),
+            alive: Arc::new(CancellationToken::new()),
         }
     }
 }

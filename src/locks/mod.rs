@@ -102,7 +102,7 @@ pub struct LockRequest {
     /// The connection asking; its locks are released when it closes.
     pub conn: u64,
     /// Cancelled when the connection closes: a waiter whose connection is gone is never granted.
-    pub alive: CancellationToken,
+    pub alive: Arc<CancellationToken>,
     /// Shown in LOCKS as the owner, e.g. the client's name and connection number.
     pub owner: Arc<str>,
     /// Lease length (raised to [`AUTO_RENEW_MIN_LEASE`] for auto-renew).

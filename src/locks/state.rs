@@ -60,7 +60,7 @@ pub(super) struct Waiter {
     /// The connection waiting; a grant makes it the holder's connection.
     pub(super) conn: u64,
     /// Cancelled when the connection closes: such a waiter is skipped, never granted.
-    pub(super) alive: CancellationToken,
+    pub(super) alive: Arc<CancellationToken>,
     /// Who waits, for LOCKS once granted.
     pub(super) owner: Arc<str>,
     /// The lease it asked for.
