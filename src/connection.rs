@@ -29,8 +29,8 @@
 //! - **Time**: HELLO, a begun frame, reading the answers, and doing nothing at all each have a timeout.
 //!
 //! When the connection ends (the peer closes or shuts down its write side, a timeout, an error), its
-//! locks are released at once, before any answers still unwritten are flushed; dropping the `JoinSet`
-//! cancels every request still waiting.
+//! locks are released at once, before any answers still unwritten are flushed, and every request
+//! still waiting is cancelled, a slice at a time (see [`crate::retire`]).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -38,7 +38,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -63,8 +63,11 @@ pub const BASE: usize = 16 * 1024;
 /// Unread answers past which the connection takes no new requests until the client reads.
 pub const BACKLOG: usize = 64 * 1024;
 
-/// Most requests run per wake-up before the task yields to the other connections.
-const BATCH: usize = 256;
+/// Most requests run per wake-up before the task yields to the other connections. A request is a few
+/// microseconds, so with a hundred connections all pipelining, a well-behaved client's request waits
+/// at most about a hundred batches: small batches keep that to a few milliseconds, and a yield per 32
+/// requests costs a pipelining client little.
+const BATCH: usize = 32;
 
 /// Timeouts and other connection closes a client can cause at will: logged, but at most once a second.
 static CLOSED: Throttle = Throttle::new();
@@ -78,6 +81,9 @@ type Waiting = JoinSet<(RequestContext, Answer)>;
 struct Waits {
     /// Every request that finishes later, each answered when it does; dropping it cancels them.
     set: Waiting,
+    /// An abort handle per task of `set` (and some of tasks already ended, swept now and then), so
+    /// that a departing connection's waits can be cancelled a slice at a time (see [`crate::retire`]).
+    handles: Vec<AbortHandle>,
     /// How many of them wait only on Redis. Each such request holds a [`RemoteCount`] and drops it
     /// when it ends, finished or cancelled, so the count stays right whatever ends them.
     remote: Arc<AtomicUsize>,
@@ -95,6 +101,7 @@ impl Waits {
     fn new(config: &Config) -> Waits {
         Waits {
             set: JoinSet::new(),
+            handles: Vec::new(),
             remote: Arc::default(),
             max_in_flight: usize::try_from(config.max_in_flight).unwrap_or(usize::MAX),
             max_remote: usize::try_from(config.redis_max_pending).unwrap_or(usize::MAX),
@@ -127,10 +134,28 @@ impl Waits {
         self.set.is_empty() && self.parked.is_none()
     }
 
-    /// Cancels everything that waits: the connection is ending.
+    /// Keeps the abort handle of a task just spawned into `set`. Handles of ended tasks are swept once
+    /// they are half the list, so the list stays within twice the tasks alive, at O(1) amortised.
+    fn track(&mut self, handle: AbortHandle) {
+        if self.handles.len() >= 2 * self.set.len() + 64 {
+            self.handles.retain(|h| !h.is_finished());
+        }
+        self.handles.push(handle);
+    }
+
+    /// Cancels everything that waits: the connection is ending. The cancelling is handed to
+    /// [`crate::retire`], which does it a slice at a time, so a connection leaving with a hundred
+    /// thousand waits does not hold up the others' answers.
     fn abort_all(&mut self) {
-        self.set.abort_all();
         self.parked = None;
+        let set = std::mem::take(&mut self.set);
+        crate::retire::retire(set, std::mem::take(&mut self.handles));
+    }
+}
+
+impl Drop for Waits {
+    fn drop(&mut self) {
+        self.abort_all();
     }
 }
 
@@ -487,7 +512,7 @@ impl Buffers {
 struct Departure<'a> {
     daemon: &'a Daemon,
     conn_id: u64,
-    alive: tokio_util::sync::CancellationToken,
+    alive: Arc<tokio_util::sync::CancellationToken>,
 }
 
 impl Departure<'_> {
@@ -660,7 +685,7 @@ fn dispatch_request(
             // Bounded by the pause at REDIS_MAX_PENDING and by REDIS_RESPONSE_TIMEOUT, not refused.
             let count = RemoteCount::new(&waits.remote);
             let span = ctx.span.clone();
-            waits.set.spawn(
+            let handle = waits.set.spawn(
                 async move {
                     let result = pending.await;
                     drop((count, charge));
@@ -668,6 +693,7 @@ fn dispatch_request(
                 }
                 .instrument(span),
             );
+            waits.track(handle);
             return;
         }
     };
@@ -696,7 +722,7 @@ fn dispatch_request(
         Ok(slot) => {
             let span = ctx.span.clone();
             // The slot goes back when the future ends, finished or cancelled.
-            waits.set.spawn(
+            let handle = waits.set.spawn(
                 async move {
                     let result = pending.await;
                     drop(slot);
@@ -704,6 +730,7 @@ fn dispatch_request(
                 }
                 .instrument(span),
             );
+            waits.track(handle);
         }
     }
 }

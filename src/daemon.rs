@@ -42,8 +42,9 @@ pub struct Daemon {
     pub connections: ConnectionCounters,
     /// When the daemon started, for uptime.
     pub started: Instant,
-    /// Cancelled when shutdown begins: listeners stop accepting and connections stop reading.
-    pub shutdown: CancellationToken,
+    /// Cancelled when shutdown begins: listeners stop accepting and connections stop reading. Behind
+    /// an `Arc` because every LOCK takes a copy, and cloning the token itself locks a mutex.
+    pub shutdown: Arc<CancellationToken>,
     /// Who may connect and what each peer may reach. Open to all until [`crate::server::Server::bind`]
     /// sets the rules the configuration asks for.
     pub access: Access,
@@ -83,7 +84,7 @@ impl Daemon {
             waiting,
             connections: ConnectionCounters::default(),
             started,
-            shutdown: CancellationToken::new(),
+            shutdown: Arc::new(CancellationToken::new()),
             access: Access::default(),
         })
     }

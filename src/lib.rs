@@ -24,6 +24,7 @@
 //! - [`daemon`]: the shared state the connections hold.
 //! - [`budget`]: daemon-wide budgets of buffer bytes and waiting requests, so per-connection limits
 //!   times the connection limit cannot exceed what the host can spare.
+//! - [`retire`]: cancels a departing connection's waiting requests a slice at a time.
 //! - [`rlimit`]: raises the open-file limit so the connection limit, not the kernel, turns clients away.
 //! - [`throttle`]: rate-limited warnings for what a client can cause at will.
 //! - [`stats`]: [`daemon::Daemon::stats`], the one builder of every figure, for STATS and `/metrics`.
@@ -52,6 +53,7 @@ pub mod metrics;
 pub mod notify;
 pub mod redis;
 pub mod reqlog;
+pub mod retire;
 pub mod rlimit;
 pub mod server;
 pub mod service;

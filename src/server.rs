@@ -184,7 +184,7 @@ impl Server {
         let ids = Arc::new(AtomicU64::new(1));
 
         tracker.spawn(sweep_cache(daemon.clone()));
-        tracker.spawn(daemon.locks.clone().run_expiry(daemon.shutdown.clone()));
+        tracker.spawn(daemon.locks.clone().run_expiry((*daemon.shutdown).clone()));
         if let Some(listener) = metrics {
             tracker.spawn(crate::metrics::serve(
                 listener,

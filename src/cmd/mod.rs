@@ -283,7 +283,8 @@ pub struct Peer {
     /// "name#conn", shown as the owner of the locks this connection takes.
     pub owner: Arc<str>,
     /// Cancelled when the connection closes, so none of its queued LOCKs can be granted after.
-    pub alive: CancellationToken,
+    /// Shared behind an `Arc`: every LOCK takes a copy, and cloning the token itself locks a mutex.
+    pub alive: Arc<CancellationToken>,
     /// Which listener it came in on, and as whom: a TCP peer must show a token in HELLO.
     pub origin: Origin,
     /// What it may reach: everything, or one key namespace. Set at accept for a Unix peer, by the
@@ -307,7 +308,7 @@ impl Peer {
             conn_id,
             greeted: false,
             owner: Arc::from(format!("#{conn_id}")),
-            alive: CancellationToken::new(),
+            alive: Arc::new(CancellationToken::new()),
             origin,
             scope,
             denied: false,

@@ -23,6 +23,7 @@
 //! Time is the tokio clock (monotonic, and pausable in tests). The table knows nothing of sockets: a
 //! connection is a number and a cancellation token.
 
+mod free;
 mod state;
 mod ticket;
 
@@ -68,10 +69,10 @@ const IDLE_TICK: Duration = Duration::from_secs(1);
 
 /// The most deadlines or prunes one pass of the expiry task handles while holding the mutex; it yields
 /// between passes, so a mass expiry never stalls the other requests for long.
-const UPKEEP_BATCH: usize = 256;
+const UPKEEP_BATCH: usize = 64;
 
 /// The most locks of a closing connection released per hold of the mutex.
-const RELEASE_BATCH: usize = 256;
+const RELEASE_BATCH: usize = 64;
 
 /// What bounds the table's memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,7 +102,7 @@ pub struct LockRequest {
     /// The connection asking; its locks are released when it closes.
     pub conn: u64,
     /// Cancelled when the connection closes: a waiter whose connection is gone is never granted.
-    pub alive: CancellationToken,
+    pub alive: Arc<CancellationToken>,
     /// Shown in LOCKS as the owner, e.g. the client's name and connection number.
     pub owner: Arc<str>,
     /// Lease length (raised to [`AUTO_RENEW_MIN_LEASE`] for auto-renew).

@@ -7,7 +7,7 @@ use super::*;
 fn req(conn: u64, lease_ms: u64) -> LockRequest {
     LockRequest {
         conn,
-        alive: CancellationToken::new(),
+        alive: Arc::new(CancellationToken::new()),
         owner: Arc::from(format!("test#{conn}")),
         lease: Duration::from_millis(lease_ms),
         auto_renew: false,

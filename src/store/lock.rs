@@ -40,7 +40,7 @@ pub struct LockAsk {
     /// How long to wait for the grant; `None` in try mode.
     pub wait: Option<Duration>,
     /// Cancelled at shutdown: a waiting LOCK is answered SHUTTING_DOWN.
-    pub shutdown: CancellationToken,
+    pub shutdown: Arc<CancellationToken>,
 }
 
 /// The answer to a LOCK a limit of the lock table refused.
