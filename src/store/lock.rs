@@ -275,7 +275,10 @@ impl Candidate {
                 .await
                 .map_err(|e| self.remote.store_error(e))?;
             let lease_left = match answer {
-                RedisAcquire::Granted { fence, .. } => {
+                RedisAcquire::Granted { fence, seq } => {
+                    // The read barrier, raised before the LOCK is answered: GETs under this grant
+                    // answer from the cache only once it has applied every write up to `seq`.
+                    self.remote.coherent.raise_barrier(seq);
                     if !self.locks.set_fence(&self.key, &self.grant.token, fence) {
                         // The local lease ended while Redis was asked: give Redis's grant back.
                         return Err(StoreError::LockTimeout {
