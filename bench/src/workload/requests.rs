@@ -18,7 +18,7 @@ use scaled_client::proto::{Args, CommandName};
 use crate::net::{open_all, Conn, Endpoint};
 use crate::opts::RequestOpts;
 use crate::report::{join_all, record, Counters, Latency, Outcome, Progress, Span, Tally};
-use crate::wire::{key, request, Expect, Template};
+use crate::wire::{key, request, Envelope, Expect, Template};
 
 /// Which request the loop sends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -186,9 +186,28 @@ async fn preload(conn: &mut Conn, opts: &RequestOpts) -> Result<(), String> {
             set.push_key(&mut conn.out, i + 1, i);
         }
         conn.flush().await?;
+        // A daemon whose SETs wait on Redis answers them as they finish: match answers by id
+        // (RESP answers in order and carries none).
+        let mut answered = vec![false; (end - next) as usize];
         for i in next..end {
             let body = conn.next_frame().await?;
-            conn.check(&body, i + 1, Expect::Text("OK"))
+            let id = if conn.resp {
+                i + 1
+            } else {
+                Envelope::parse(&body)?.id
+            };
+            let slot = id
+                .checked_sub(next + 1)
+                .and_then(|k| answered.get_mut(usize::try_from(k).ok()?))
+                .filter(|seen| !**seen)
+                .ok_or_else(|| {
+                    format!(
+                        "preloading: answer id {id}, not one of {}..={end}",
+                        next + 1
+                    )
+                })?;
+            *slot = true;
+            conn.check(&body, id, Expect::Text("OK"))
                 .map_err(|e| format!("preloading: {e}"))?;
         }
         next = end;
