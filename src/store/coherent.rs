@@ -98,7 +98,7 @@ impl Coherent {
         let epoch = self.epoch.load(Ordering::Acquire);
         // The barrier first: a LOCK answered before this GET was sent raised it already.
         let barrier = self.barrier.load(Ordering::Acquire);
-        let caught_up = epoch % 2 == 0 && self.applied.load(Ordering::Acquire) >= barrier;
+        let caught_up = synced(epoch) && self.applied.load(Ordering::Acquire) >= barrier;
         let (value, _) = self
             .cache
             .get_tagged(key, now, |tag| caught_up && tag.epoch == epoch)?;
@@ -146,7 +146,7 @@ impl Coherent {
         let watches = self.watches.lock();
         let epoch = self.epoch.load(Ordering::Acquire);
         let newest = watches.get(&watch.key).map_or(0, |w| w.newest);
-        if epoch != watch.epoch || epoch % 2 == 1 || newest > seq {
+        if epoch != watch.epoch || !synced(epoch) || newest > seq {
             self.counters.fills_dropped.fetch_add(1, Ordering::Relaxed);
             return false;
         }
@@ -190,7 +190,7 @@ impl Coherent {
                 self.applied.fetch_max(seq, Ordering::AcqRel);
             }
             Event::Flush => {
-                if self.epoch.load(Ordering::Acquire) % 2 == 0 {
+                if synced(self.epoch.load(Ordering::Acquire)) {
                     self.epoch.fetch_add(1, Ordering::AcqRel);
                     self.counters.flushes.fetch_add(1, Ordering::Relaxed);
                 }
@@ -199,10 +199,11 @@ impl Coherent {
                 // A Redis that lost its data restarts its sequence: A and B follow it down.
                 self.applied.store(seq, Ordering::Release);
                 self.barrier.fetch_min(seq, Ordering::AcqRel);
-                let step = if self.epoch.load(Ordering::Acquire) % 2 == 1 {
-                    1
-                } else {
+                // Always a new even epoch: from odd (after a Flush) the next, from even the one after.
+                let step = if synced(self.epoch.load(Ordering::Acquire)) {
                     2
+                } else {
+                    1
                 };
                 self.epoch.fetch_add(step, Ordering::AcqRel);
             }
@@ -222,6 +223,11 @@ impl Coherent {
     pub fn watched(&self) -> usize {
         self.watches.lock().len()
     }
+}
+
+/// Whether `epoch` is one in which the stream is whole: even.
+fn synced(epoch: u64) -> bool {
+    epoch.is_multiple_of(2)
 }
 
 impl Drop for Watch {
