@@ -179,6 +179,17 @@ pub struct Config {
     #[arg(long, env = "SCALED_METRICS_ALLOW_REMOTE")]
     pub metrics_allow_remote: bool,
 
+    // Running as a service: the log file and what SIGHUP re-reads.
+    /// Write log lines to this file (appending) instead of stderr. SIGHUP reopens it, for logrotate.
+    #[arg(long, env = "SCALED_LOG_FILE")]
+    pub log_file: Option<PathBuf>,
+
+    /// The environment file the daemon was started with (systemd's `EnvironmentFile=`). SIGHUP reads
+    /// it again and applies its SCALED_LOG; any other setting changed in it is logged as taking
+    /// effect at the next restart.
+    #[arg(long, env = "SCALED_ENV_FILE")]
+    pub env_file: Option<PathBuf>,
+
     /// Print the effective configuration as JSON and exit.
     #[arg(long)]
     #[serde(skip)]

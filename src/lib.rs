@@ -28,6 +28,12 @@
 //! - [`metrics`]: the Prometheus endpoint (`--metrics`), rendering those figures.
 //! - [`reqlog`]: each request's log line (debug) and the warnings an operator needs (info).
 //! - [`config`]: every setting, as a flag and an environment variable.
+//!
+//! Running as a service (systemd's `Type=notify`, `systemd/scaled.service`):
+//! - [`notify`]: the notification protocol (READY, STATUS, STOPPING, WATCHDOG).
+//! - [`service`]: what the daemon tells systemd while it runs, and the watchdog's liveness probe.
+//! - [`signals`]: SIGTERM/SIGINT (drain, then exit at once on a second), SIGHUP (reopen, reload).
+//! - [`logging`]: where log lines go, and what SIGHUP can change about them.
 
 pub mod budget;
 pub mod cache;
@@ -37,12 +43,16 @@ pub mod connection;
 pub mod context;
 pub mod daemon;
 pub mod locks;
+pub mod logging;
 pub mod meter;
 pub mod metrics;
+pub mod notify;
 pub mod redis;
 pub mod reqlog;
 pub mod rlimit;
 pub mod server;
+pub mod service;
+pub mod signals;
 pub mod stats;
 pub mod store;
 pub mod throttle;

@@ -134,6 +134,26 @@ impl Server {
 
     /// Serves until [`Daemon::shutdown`] is cancelled, then drains and removes the socket file.
     pub async fn run(self) {
+        self.run_beside(std::future::pending()).await
+    }
+
+    /// Like [`Server::run`], polling `beside` in the same future as the accept loops and the drain
+    /// until they finish: the service watchdog ([`crate::service::supervise`]) runs here, so that a
+    /// serving loop that stops being polled stops its keep-alives too.
+    pub async fn run_beside(self, beside: impl std::future::Future<Output = ()>) {
+        let beside = async {
+            beside.await;
+            std::future::pending::<()>().await
+        };
+        // Serving first: its first poll starts the accept loops before `beside` reports anything.
+        tokio::select! {
+            biased;
+            () = self.serve() => {}
+            () = beside => {}
+        }
+    }
+
+    async fn serve(self) {
         let Server {
             daemon,
             unix,

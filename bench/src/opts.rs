@@ -115,6 +115,12 @@ pub struct SessionOpts {
     /// The lease each LOCK asks for, in milliseconds.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
     pub lock_ttl_ms: u64,
+
+    /// Another daemon sharing the first one's Redis (its Unix socket); repeat for more. The users
+    /// of each session are spread over all the daemons, so every session is written from each of
+    /// them, and the end-of-run check reads every session back from each daemon under its lock.
+    #[arg(long, value_name = "SOCKET", conflicts_with = "tcp")]
+    pub also_socket: Vec<PathBuf>,
 }
 
 /// `get`, `set`, `ping`.
@@ -190,6 +196,12 @@ pub struct HandoffOpts {
     /// (outside the measured interval).
     #[arg(long)]
     pub wait_for_queue: bool,
+
+    /// Another daemon sharing the first one's Redis (its Unix socket); repeat for more. Contender
+    /// `i` connects to daemon `i mod D`, and hand-offs from one daemon to another are reported
+    /// apart: the release on one host, the grant on the next.
+    #[arg(long, value_name = "SOCKET", conflicts_with = "tcp")]
+    pub also_socket: Vec<PathBuf>,
 }
 
 /// `delay-proxy`.

@@ -48,6 +48,23 @@ impl Snapshot {
         })
     }
 
+    /// STATS of every daemon, added up (contention as the share of all their LOCKs).
+    pub async fn fetch_all(endpoints: &[Endpoint]) -> Result<Snapshot, String> {
+        let mut sum = Snapshot::default();
+        let mut contended = 0.0;
+        for endpoint in endpoints {
+            let one = Snapshot::fetch(endpoint).await?;
+            sum.hits += one.hits;
+            sum.misses += one.misses;
+            sum.lock_requests += one.lock_requests;
+            contended += one.contention_pct / 100.0 * one.lock_requests as f64;
+        }
+        if sum.lock_requests > 0 {
+            sum.contention_pct = 100.0 * contended / sum.lock_requests as f64;
+        }
+        Ok(sum)
+    }
+
     /// Cache hits over GETs between `self` and `later`, as a fraction; `None` without GETs.
     pub fn hit_rate(&self, later: &Snapshot) -> Option<f64> {
         let hits = later.hits.saturating_sub(self.hits);

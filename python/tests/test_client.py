@@ -140,6 +140,63 @@ def test_the_client_reconnects_after_a_daemon_restart(daemon: Daemon) -> None:
     client.close()
 
 
+def test_callers_see_clear_errors_while_the_daemon_is_killed_and_restarted(daemon: Daemon) -> None:
+    """Threads keep working through one client while the daemon dies (SIGKILL) and a new one starts:
+    each call either succeeds or fails at once with ConnectError or ConnectionLost, none hangs, and
+    all of them succeed again once the daemon is back."""
+    client = daemon.client(timeout=20)
+    stop = threading.Event()
+    counts = {"ok": 0, "failed": 0}
+    unclear: list[BaseException] = []
+    lock = threading.Lock()
+
+    def work(w: int) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            try:
+                client.set(f"w{w}", str(n))
+                assert client.get(f"w{w}") in (str(n).encode(), None)
+                outcome = "ok"
+            except (scaled.ConnectError, scaled.ConnectionLost, scaled.ShuttingDownError):
+                outcome = "failed"
+                stop.wait(0.005)
+            except BaseException as e:  # reported by the test below
+                with lock:
+                    unclear.append(e)
+                return
+            with lock:
+                counts[outcome] += 1
+
+    def more(what: str, outcome: str) -> None:
+        with lock:
+            start = counts[outcome]
+
+        def grown() -> bool:
+            with lock:
+                return counts[outcome] >= start + 20 or bool(unclear)
+
+        wait_for(what, grown)
+        assert not unclear, f"an unclear error across the restart: {unclear[0]!r}"
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        more("calls before the restart", "ok")
+        daemon.stop(signal.SIGKILL)
+        more("clear errors while the daemon is away", "failed")
+        daemon.start()
+        more("calls after the restart", "ok")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not any(t.is_alive() for t in threads), "a call hung across the restart"
+    assert not unclear, f"an unclear error across the restart: {unclear[0]!r}"
+    client.close()
+
+
 def test_no_daemon_is_a_connect_error(short_tmp: Path) -> None:
     client = scaled.Client(str(short_tmp / "nothing.sock"), connect_timeout=1)
     with pytest.raises(scaled.ConnectError, match=r"nothing\.sock"):

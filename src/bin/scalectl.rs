@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use scaled::config::DEFAULT_SOCKET;
+use scaled_client::proto::Fence;
 use scaled_client::{Client, Endpoint, Error, LockOptions, Stats};
 
 /// Exit status for an error of any kind.
@@ -65,11 +66,19 @@ enum Cmd {
         /// Seconds to live; 0 = never expires; default: the daemon's CACHE_TTL.
         #[arg(long)]
         ttl: Option<f64>,
+        /// Guard the write with a lock grant, LOCK:FENCE (inside `scalectl lock`:
+        /// "$SCALED_LOCK_KEY:$SCALED_LOCK_FENCE"); refused with FENCED, exit 76, once a newer
+        /// grant of that lock exists.
+        #[arg(long, value_name = "LOCK:FENCE")]
+        fence: Option<String>,
     },
     /// Remove KEY; prints 1 if it was there, 0 if not.
     Del {
         /// The key.
         key: String,
+        /// Guard the removal with a lock grant, LOCK:FENCE, as for `set`.
+        #[arg(long, value_name = "LOCK:FENCE")]
+        fence: Option<String>,
     },
     /// Hold lock KEY while COMMAND runs (the lease renews itself meanwhile), then release it. Exits
     /// with COMMAND's status, or 75 if the lock was not had within --wait. COMMAND sees the grant in
@@ -83,6 +92,10 @@ enum Cmd {
         /// Lease in seconds, renewed while COMMAND runs. Default: the daemon's LOCK_TIMEOUT.
         #[arg(long)]
         ttl: Option<f64>,
+        /// Do not renew the lease: the lock ends when the lease does, even while COMMAND still
+        /// runs, and COMMAND's fenced writes are refused from then on.
+        #[arg(long)]
+        no_renew: bool,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -133,14 +146,20 @@ async fn run(cli: Cli) -> ExitCode {
             interval,
         } => stats(&client, json, watch, interval).await,
         Cmd::Get { key } => get(&client, &key).await,
-        Cmd::Set { key, value, ttl } => set(&client, &key, &value, ttl).await,
-        Cmd::Del { key } => del(&client, &key).await,
+        Cmd::Set {
+            key,
+            value,
+            ttl,
+            fence,
+        } => set(&client, &key, &value, ttl, fence.as_deref()).await,
+        Cmd::Del { key, fence } => del(&client, &key, fence.as_deref()).await,
         Cmd::Lock {
             key,
             wait,
             ttl,
+            no_renew,
             command,
-        } => lock(&client, &key, wait, ttl, &command).await,
+        } => lock(&client, &key, wait, ttl, !no_renew, &command).await,
         Cmd::Locks { json } => locks(&client, json).await,
     };
     result.unwrap_or_else(fail)
@@ -169,7 +188,42 @@ async fn get(client: &Client, key: &str) -> CmdResult {
     }
 }
 
-async fn set(client: &Client, key: &str, value: &str, ttl: Option<f64>) -> CmdResult {
+/// Reads `--fence LOCK:FENCE`; the lock key may itself hold colons, the fence is after the last.
+fn parse_fence(text: &str) -> Result<Fence, String> {
+    let (lock, token) = text
+        .rsplit_once(':')
+        .ok_or_else(|| format!("--fence {text:?} is not LOCK:FENCE"))?;
+    let token = token
+        .parse()
+        .map_err(|_| format!("--fence {text:?}: {token:?} is not a fencing token"))?;
+    Ok(Fence {
+        lock: lock.to_string(),
+        token,
+    })
+}
+
+/// What a refused fenced write exits with, so scripts can tell it from other failures.
+const EXIT_FENCED: u8 = 76;
+
+/// Maps a write's error: a fenced write refused exits [`EXIT_FENCED`], after saying why.
+fn write_failed(e: Error) -> CmdResult {
+    match e {
+        e @ Error::Fenced(_) => {
+            eprintln!("scalectl: {e}");
+            Ok(ExitCode::from(EXIT_FENCED))
+        }
+        e => Err(e.to_string()),
+    }
+}
+
+async fn set(
+    client: &Client,
+    key: &str,
+    value: &str,
+    ttl: Option<f64>,
+    fence: Option<&str>,
+) -> CmdResult {
+    let fence = fence.map(parse_fence).transpose()?;
     let ttl = match ttl {
         Some(secs) if !secs.is_finite() || secs < 0.0 => {
             return Err(format!("--ttl {secs} is not a number of seconds"));
@@ -186,18 +240,30 @@ async fn set(client: &Client, key: &str, value: &str, ttl: Option<f64>) -> CmdRe
     } else {
         value.as_bytes().to_vec()
     };
-    client
-        .set(key, &bytes, ttl)
-        .await
-        .map_err(|e| e.to_string())?;
+    let written = match &fence {
+        Some(fence) => client.set_fenced(key, &bytes, ttl, fence).await,
+        None => client.set(key, &bytes, ttl).await,
+    };
+    if let Err(e) = written {
+        return write_failed(e);
+    }
     println!("OK");
     Ok(ExitCode::SUCCESS)
 }
 
-async fn del(client: &Client, key: &str) -> CmdResult {
-    let existed = client.del(key).await.map_err(|e| e.to_string())?;
-    println!("{}", u8::from(existed));
-    Ok(ExitCode::SUCCESS)
+async fn del(client: &Client, key: &str, fence: Option<&str>) -> CmdResult {
+    let fence = fence.map(parse_fence).transpose()?;
+    let removed = match &fence {
+        Some(fence) => client.del_fenced(key, fence).await,
+        None => client.del(key).await,
+    };
+    match removed {
+        Ok(existed) => {
+            println!("{}", u8::from(existed));
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => write_failed(e),
+    }
 }
 
 fn seconds(flag: &str, secs: Option<f64>) -> Result<Option<Duration>, String> {
@@ -215,13 +281,14 @@ async fn lock(
     key: &str,
     wait: Option<f64>,
     ttl: Option<f64>,
+    auto_renew: bool,
     command: &[String],
 ) -> CmdResult {
     let wait = seconds("--wait", wait)?;
     let options = LockOptions {
         ttl: seconds("--ttl", ttl)?,
         wait,
-        auto_renew: true,
+        auto_renew,
     };
     let taken = if wait == Some(Duration::ZERO) {
         client.try_lock(key, options).await

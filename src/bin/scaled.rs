@@ -1,13 +1,15 @@
-//! The daemon's entry point: parse the configuration, bind, serve until SIGTERM or SIGINT, drain, exit 0.
+//! The daemon's entry point: parse the configuration, bind, tell the service manager, serve until
+//! SIGTERM or SIGINT, drain, exit 0. Signals are handled in [`scaled::signals`]; what systemd is told,
+//! in [`scaled::service`].
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
-use tokio::signal::unix::{signal, SignalKind};
-use tracing_subscriber::EnvFilter;
 
-use scaled::config::{Config, LogFormat};
+use scaled::config::Config;
+use scaled::logging::Logging;
+use scaled::notify::Notifier;
 use scaled::server::Server;
 
 fn main() -> ExitCode {
@@ -19,29 +21,15 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    let filter = match EnvFilter::try_new(&config.log) {
-        Ok(f) => f,
+    let logging = match Logging::init(&config) {
+        Ok(logging) => logging,
         Err(e) => {
-            eprintln!("scaled: bad --log filter `{}`: {e}", config.log);
+            eprintln!("scaled: {e}");
             return ExitCode::from(2);
         }
     };
-    // Colour codes only for a person at a terminal: a file or the journal would store them as noise.
-    let ansi = std::io::stderr().is_terminal();
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
-    match config.log_format {
-        LogFormat::Text => logs.init(),
-        // The event's fields at the top level, so `request_id` is a member of every request's line.
-        LogFormat::Json => logs
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .init(),
-    }
+    let notifier = Arc::new(Notifier::from_env());
+    notifier.status("starting");
 
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     // The blocking pool decodes large frames off the serving threads; a few threads are plenty, and
@@ -62,28 +50,19 @@ fn main() -> ExitCode {
             Ok(server) => server,
             Err(e) => {
                 eprintln!("scaled: {e}");
+                notifier.status(&format!("failed to start: {e}"));
                 return ExitCode::FAILURE;
             }
         };
         let daemon = server.daemon();
-        let (mut term, mut int) = match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(t), Ok(i)) => (t, i),
-            (Err(e), _) | (_, Err(e)) => {
-                eprintln!("scaled: cannot install signal handlers: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = int.recv() => tracing::info!("SIGINT received"),
-            }
-            daemon.shutdown.cancel();
-        });
-        server.run().await;
+        if let Err(e) = scaled::signals::handle(daemon.clone(), notifier.clone(), logging) {
+            eprintln!("scaled: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+        server
+            .run_beside(scaled::service::supervise(daemon, notifier.clone()))
+            .await;
+        notifier.status("stopped");
         ExitCode::SUCCESS
     })
 }

@@ -236,6 +236,9 @@ struct Shared {
     counters: LinkCounters,
     /// Cancelled by [`Link::close`]: the connector and the subscribers stop.
     closed: CancellationToken,
+    /// True once the first connection attempt has finished, either way: until then "down" means
+    /// "not tried yet" rather than "unreachable", and the daemon does not report itself ready.
+    tried: watch::Sender<bool>,
 }
 
 impl Link {
@@ -273,6 +276,7 @@ impl Link {
                 fence_floor: AtomicU64::new(0),
                 counters: LinkCounters::default(),
                 closed: CancellationToken::new(),
+                tried: watch::channel(false).0,
             }),
         };
         tokio::spawn(connector(link.clone()));
@@ -308,6 +312,15 @@ impl Link {
     pub async fn wait_for(&self, want: Health, limit: Duration) -> bool {
         let mut rx = self.watch_health();
         tokio::time::timeout(limit, rx.wait_for(|h| *h == want))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Waits until the first connection attempt has finished, connected or not, at most `limit`; true
+    /// if it has. After it, [`Link::health`] says whether Redis was reached.
+    pub async fn first_attempt(&self, limit: Duration) -> bool {
+        let mut rx = self.shared.tried.subscribe();
+        tokio::time::timeout(limit, rx.wait_for(|tried| *tried))
             .await
             .is_ok_and(|r| r.is_ok())
     }
@@ -499,6 +512,8 @@ async fn connector(link: Link) {
                 shared.counters.connects.store(number, Ordering::Relaxed);
                 *shared.current.lock() = Some((number, conn));
                 set_health(&shared.health, Health::Up, "");
+                // After the health, so whoever the first attempt wakes sees its outcome.
+                shared.tried.send_replace(true);
                 // While up: PING now and then; a call that fails wakes us through `broken`.
                 loop {
                     tokio::select! {
@@ -523,6 +538,7 @@ async fn connector(link: Link) {
                     tracing::warn!(reason = %e, "Redis is unavailable");
                 }
                 set_health(&shared.health, Health::Down, &e.to_string());
+                shared.tried.send_replace(true);
                 let delay = backoff(attempt);
                 attempt = attempt.saturating_add(1);
                 tracing::debug!(error = %e, ?delay, "Redis connect failed; retrying");

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::LockFallback;
 use crate::daemon::wall_clock_micros;
-use crate::locks::{Acquire, Grant, Limit, LockRequest, LockTable};
+use crate::locks::{Acquire, Grant, Limit, LockRequest, LockTable, Status};
 use crate::redis::scripts::{Acquire as RedisAcquire, Compare};
 use crate::store::degraded::{LocalGrant, Marked};
 use crate::store::remote::Remote;
@@ -98,11 +98,16 @@ pub fn remote(
 ) -> Step<Result<Marked<Grant>, StoreError>> {
     let LockAsk {
         key,
-        request,
+        mut request,
         wait,
         shutdown,
     } = ask;
     let lease = request.lease;
+    // The local grant only makes this request the host's candidate; its lease proper starts when
+    // Redis grants the lock, which may be after the holder on another host has used all of its own.
+    // Until then the local record must outlast the whole wait, or it would end under the candidate
+    // (and pass to the next local waiter) while Redis was still being asked.
+    request.lease = lease.saturating_add(wait.unwrap_or_default());
     let alive = request.alive.clone();
     let try_only = request.try_only;
     let auto_renew = request.auto_renew;
@@ -228,20 +233,20 @@ impl Candidate {
         auto_renew: bool,
         wait: Option<Duration>,
     ) -> Result<(), StoreError> {
-        let link = &self.remote.link;
-        let fence = link
+        let fence = self
+            .remote
+            .link
             .fence_floor()
             .saturating_add(1)
             .max(wall_clock_micros());
-        if !self.locks.set_fence(&self.key, &self.grant.token, fence) {
-            // The local lease ended while Redis was asked.
+        if !self.start_lease(fence) {
+            // The local record ended while Redis was asked.
             return Err(StoreError::LockTimeout {
                 key: self.key.clone(),
                 wait: wait.unwrap_or_default(),
             });
         }
-        link.note_fence(fence);
-        self.grant.fence = fence;
+        self.remote.link.note_fence(fence);
         self.remote.degraded.granted_locally(
             &self.key,
             &self.grant.token,
@@ -252,6 +257,24 @@ impl Candidate {
             },
         );
         Ok(())
+    }
+
+    /// The grant is confirmed with `fence`: the local record's lease proper starts now (it was
+    /// stretched over the wait), and carries the fence. False when the record is no longer this
+    /// candidate's.
+    fn start_lease(&mut self, fence: u64) -> bool {
+        let (status, granted) = self.locks.extend(
+            &self.key,
+            &self.grant.token,
+            Some(self.lease),
+            Instant::now(),
+        );
+        if status != Status::Ok || !self.locks.set_fence(&self.key, &self.grant.token, fence) {
+            return false;
+        }
+        self.grant.fence = fence;
+        self.grant.ttl_ms = u64::try_from(granted.as_millis()).unwrap_or(u64::MAX);
+        true
     }
 
     /// Asks Redis until granted, refused (try mode), out of time, or stopped.
@@ -279,14 +302,14 @@ impl Candidate {
                     // The read barrier, raised before the LOCK is answered: GETs under this grant
                     // answer from the cache only once it has applied every write up to `seq`.
                     self.remote.coherent.raise_barrier(seq);
-                    if !self.locks.set_fence(&self.key, &self.grant.token, fence) {
-                        // The local lease ended while Redis was asked: give Redis's grant back.
+                    if !self.start_lease(fence) {
+                        // The local record ended while Redis was asked (its connection closed):
+                        // give Redis's grant back.
                         return Err(StoreError::LockTimeout {
                             key: self.key.clone(),
                             wait: wait.unwrap_or_default(),
                         });
                     }
-                    self.grant.fence = fence;
                     return Ok(());
                 }
                 RedisAcquire::Held { lease_left, .. } => lease_left,

@@ -10,6 +10,11 @@
 //! `--wait-for-queue` makes each holder wait, before its UNLOCK and outside the measured interval,
 //! until every other contender's LOCK is written and a PING round trip has passed, so that every grant
 //! comes from the queue. Redis has no lock queue, so there is no RESP counterpart.
+//!
+//! With `--also-socket`, the contenders are spread over several daemons sharing one Redis, and a
+//! grant on another daemon than the one whose UNLOCK preceded it is a hand-off across hosts,
+//! reported apart (`across`): the release in Redis, its message to the other daemon, and that
+//! daemon's acquire, all inside the measured interval.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,7 +27,7 @@ use tokio::task::JoinSet;
 use scaled_client::proto::{Args, CommandName};
 
 use super::locks::{lock_template, unlock_template};
-use crate::net::{open_all, Conn, Endpoint};
+use crate::net::{Conn, Endpoint};
 use crate::opts::HandoffOpts;
 use crate::report::{histogram, join_all, record, Counters, Latency, Outcome, Progress, Span};
 use crate::wire::{answer_to, check, read_grant, read_unlock_status, request, Expect, Template};
@@ -35,8 +40,14 @@ const HANDOFF_KEY: &str = "handoff";
 
 /// Runs the workload.
 pub async fn run(opts: HandoffOpts) -> Result<Outcome, String> {
-    let endpoint = Endpoint::of(&opts.target);
-    let conns = open_all(&endpoint, opts.connections, false).await?;
+    let endpoints: Vec<Endpoint> = std::iter::once(Endpoint::of(&opts.target))
+        .chain(opts.also_socket.iter().cloned().map(Endpoint::Unix))
+        .collect();
+    let daemons = endpoints.len() as u64;
+    let mut conns = Vec::with_capacity(opts.connections as usize);
+    for i in 0..opts.connections {
+        conns.push(Conn::open(&endpoints[(i % daemons) as usize], false).await?);
+    }
     let remaining = Arc::new(AtomicI64::new(opts.requests as i64));
     let shared = Arc::new(Shared {
         floor: Mutex::new(Floor {
@@ -53,6 +64,7 @@ pub async fn run(opts: HandoffOpts) -> Result<Outcome, String> {
         set.spawn(handoff_connection(
             conn,
             index as u64,
+            index as u64 % daemons,
             shared.clone(),
             remaining.clone(),
             span.deadline,
@@ -62,7 +74,7 @@ pub async fn run(opts: HandoffOpts) -> Result<Outcome, String> {
     let tallies = join_all(set, span.deadline).await?;
     let (secs, cpu) = span.finish();
 
-    let (mut queued, mut free) = (histogram(), histogram());
+    let (mut queued, mut free, mut across) = (histogram(), histogram(), histogram());
     let (mut grants, mut errors, mut first_error) = (0u64, 0u64, None);
     for tally in tallies {
         grants += tally.grants;
@@ -70,13 +82,16 @@ pub async fn run(opts: HandoffOpts) -> Result<Outcome, String> {
         first_error = first_error.or(tally.first_error);
         let _ = queued.add(&tally.queued_ns);
         let _ = free.add(&tally.free_ns);
+        let _ = across.add(&tally.across_ns);
     }
     let gps = grants as f64 / secs;
     let (handoff, free_latency) = (Latency::of(&queued), Latency::of(&free));
+    let across_latency = (daemons > 1).then(|| Latency::of(&across));
     let json = json!({
         "workload": "handoff",
         "protocol": "scaled",
         "connections": opts.connections,
+        "daemons": daemons,
         "wait_for_queue": opts.wait_for_queue,
         "threads": opts.target.threads,
         "grants": grants,
@@ -86,6 +101,8 @@ pub async fn run(opts: HandoffOpts) -> Result<Outcome, String> {
         "handoff": handoff,
         "free_grants": free.len(),
         "free": free_latency,
+        "across_daemons": across.len(),
+        "across": across_latency,
         "errors": errors,
         "first_error": first_error,
         "client_cpu_us_per_grant": cpu.map(|c| c * 1e6 / grants.max(1) as f64),
@@ -122,6 +139,15 @@ pub async fn run(opts: HandoffOpts) -> Result<Outcome, String> {
             free_latency.p99_ms,
         );
     }
+    if let Some(across_latency) = &across_latency {
+        text += &format!(
+            "  {} hand-offs from one daemon to another of {daemons} (release on one -> grant on the next) ms: p50 {:.3}, p99 {:.3}, max {:.3}\n",
+            across.len(),
+            across_latency.p50_ms,
+            across_latency.p99_ms,
+            across_latency.max_ms,
+        );
+    }
     if let Some(e) = &first_error {
         text += &format!("  first error: {e}\n");
     }
@@ -142,6 +168,8 @@ struct Floor {
     last_fence: u64,
     /// The release not yet followed by a grant: its number and when its UNLOCK was written.
     released: Option<(u64, Instant)>,
+    /// The daemon of the last release's connection.
+    released_on: u64,
     /// Releases so far.
     releases: u64,
     /// LOCKs written whose grant has not been read yet.
@@ -205,6 +233,9 @@ struct HandoffTally {
     /// The same, for grants of a lock already free when their LOCK arrived (the previous holder's
     /// UNLOCK was handled first).
     free_ns: Histogram<u64>,
+    /// UNLOCK written on one daemon → grant read on another, however the grant came; these are
+    /// not in the two above.
+    across_ns: Histogram<u64>,
 }
 
 impl HandoffTally {
@@ -218,6 +249,7 @@ impl HandoffTally {
 async fn handoff_connection(
     mut conn: Conn,
     index: u64,
+    daemon: u64,
     shared: Arc<Shared>,
     remaining: Arc<AtomicI64>,
     deadline: Instant,
@@ -229,6 +261,7 @@ async fn handoff_connection(
         first_error: None,
         queued_ns: histogram(),
         free_ns: histogram(),
+        across_ns: histogram(),
     };
     let lock = lock_template(HANDOFF_KEY, Some(HANDOFF_WAIT_MS));
     let unlock = unlock_template(HANDOFF_KEY);
@@ -279,7 +312,9 @@ async fn handoff_connection(
             f.holder = Some(index);
             if let Some((_, at)) = f.released.take() {
                 let took = read_at.saturating_duration_since(at);
-                if grant.waited_us > 0 {
+                if f.released_on != daemon {
+                    record(&mut tally.across_ns, took);
+                } else if grant.waited_us > 0 {
                     record(&mut tally.queued_ns, took);
                 } else {
                     record(&mut tally.free_ns, took);
@@ -315,6 +350,7 @@ async fn handoff_connection(
             f.releases += 1;
             let n = f.releases;
             f.released = Some((n, Instant::now()));
+            f.released_on = daemon;
             n
         };
         let written = conn.flush().await;

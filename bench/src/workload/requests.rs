@@ -186,17 +186,19 @@ async fn preload(conn: &mut Conn, opts: &RequestOpts) -> Result<(), String> {
             set.push_key(&mut conn.out, i + 1, i);
         }
         conn.flush().await?;
-        // A daemon whose SETs wait on Redis answers them as they finish: match answers by id
-        // (RESP answers in order and carries none).
+        // A daemon whose SETs wait on Redis answers each as it finishes, so answers are matched
+        // by id (RESP answers come in order).
         let mut answered = vec![false; (end - next) as usize];
         for i in next..end {
             let body = conn.next_frame().await?;
             let id = if conn.resp {
                 i + 1
             } else {
-                Envelope::parse(&body)?.id
+                Envelope::parse(&body)
+                    .map_err(|e| format!("preloading: {e}"))?
+                    .id
             };
-            let slot = id
+            let seen = id
                 .checked_sub(next + 1)
                 .and_then(|k| answered.get_mut(usize::try_from(k).ok()?))
                 .filter(|seen| !**seen)
@@ -206,7 +208,7 @@ async fn preload(conn: &mut Conn, opts: &RequestOpts) -> Result<(), String> {
                         next + 1
                     )
                 })?;
-            *slot = true;
+            *seen = true;
             conn.check(&body, id, Expect::Text("OK"))
                 .map_err(|e| format!("preloading: {e}"))?;
         }

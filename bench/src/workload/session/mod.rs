@@ -27,7 +27,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::net::{open_all, Endpoint};
+use crate::net::{Conn, Endpoint};
 use crate::opts::SessionOpts;
 use crate::report::{
     histogram, join_all, round3, thousands, Counters, Latency, Outcome, Progress, Span,
@@ -134,16 +134,27 @@ pub async fn run(opts: SessionOpts) -> Result<Outcome, String> {
     if !(opts.think_ms.is_finite() && opts.think_ms >= 0.0) {
         return Err(format!("--think-ms {} must be 0 or more", opts.think_ms));
     }
-    let connections = opts.connections.min(opts.users);
-    if opts.users.div_ceil(connections) > driver::MAX_USERS_PER_CONN {
+    let endpoints: Vec<Endpoint> = std::iter::once(Endpoint::of(&opts.target))
+        .chain(opts.also_socket.iter().cloned().map(Endpoint::Unix))
+        .collect();
+    let daemons = endpoints.len() as u64;
+    // Every daemon gets the same number of connections.
+    let connections = (opts.connections.min(opts.users) / daemons).max(1) * daemons;
+    let placement = place(opts.users, sessions, connections, daemons);
+    if placement
+        .iter()
+        .any(|users| users.len() as u64 > driver::MAX_USERS_PER_CONN)
+    {
         return Err(format!(
             "more than {} users per connection; use more connections",
             driver::MAX_USERS_PER_CONN
         ));
     }
-    let endpoint = Endpoint::of(&opts.target);
-    let before = Snapshot::fetch(&endpoint).await?;
-    let conns = open_all(&endpoint, connections, false).await?;
+    let before = Snapshot::fetch_all(&endpoints).await?;
+    let mut conns = Vec::with_capacity(connections as usize);
+    for c in 0..connections {
+        conns.push(Conn::open(&endpoints[(c % daemons) as usize], false).await?);
+    }
 
     let total = opts.users * opts.messages;
     let counters = Arc::new(Counters::default());
@@ -179,10 +190,14 @@ pub async fn run(opts: SessionOpts) -> Result<Outcome, String> {
         }
     }
     let mut set = JoinSet::new();
-    for (index, (conn, due)) in conns.into_iter().zip(receivers).enumerate() {
-        let user_ids = (index as u64..opts.users)
-            .step_by(connections as usize)
-            .collect();
+    // Where the pacer sends each user's messages: its connection and its slot there.
+    let mut route = vec![(0, 0); opts.users as usize];
+    for (c, users) in placement.iter().enumerate() {
+        for (slot, &user) in users.iter().enumerate() {
+            route[user as usize] = (c, slot);
+        }
+    }
+    for ((conn, due), user_ids) in conns.into_iter().zip(receivers).zip(placement) {
         set.spawn(driver::drive(
             conn,
             user_ids,
@@ -193,13 +208,13 @@ pub async fn run(opts: SessionOpts) -> Result<Outcome, String> {
     }
     let pacer = opts
         .rate
-        .map(|rate| spawn_pacer(rate, span.started(), plan.clone(), schedules));
+        .map(|rate| spawn_pacer(rate, span.started(), plan.clone(), route, schedules));
     let reports = join_all(set, span.deadline).await?;
     let (secs, cpu) = span.finish();
     if let Some(pacer) = pacer {
         let _ = pacer.join();
     }
-    let after = Snapshot::fetch(&endpoint).await?;
+    let after = Snapshot::fetch_all(&endpoints).await?;
 
     // Add up the connections.
     let mut sum = Sum::default();
@@ -223,7 +238,7 @@ pub async fn run(opts: SessionOpts) -> Result<Outcome, String> {
         ));
     }
     let missing_ids = sum.requests.saturating_sub(request_ids.len() as u64);
-    let verdict = verify::verify(&endpoint, &plan, &committed).await?;
+    let verdict = verify_all(&endpoints, &plan, &committed).await?;
 
     let mixed = sum.mixed + verdict.foreign + repeated_ids + missing_ids;
     let first_problem = sum.first_error.clone().or(verdict.first_problem.clone());
@@ -236,6 +251,7 @@ pub async fn run(opts: SessionOpts) -> Result<Outcome, String> {
         opts: &opts,
         sessions,
         connections,
+        daemons,
         secs,
         cpu,
         sum: &sum,
@@ -258,17 +274,62 @@ pub async fn run(opts: SessionOpts) -> Result<Outcome, String> {
     })
 }
 
+/// Which users each connection carries, in slot order. Connection `c` goes to daemon `c mod D`.
+/// User `u` works on session `u mod K`; it goes to daemon `(u / K + u mod K) mod D`: the users who
+/// share a session go to consecutive daemons, and so do the sessions of users who share none. Within
+/// its daemon a user goes to the next connection in turn. With one daemon this is user `u` on
+/// connection `u mod C`, at slot `u / C`.
+fn place(users: u64, sessions: u64, connections: u64, daemons: u64) -> Vec<Vec<u64>> {
+    let per_daemon = connections / daemons;
+    let mut placed = vec![Vec::new(); connections as usize];
+    let mut seen = vec![0u64; daemons as usize];
+    for u in 0..users {
+        let d = (u / sessions + u % sessions) % daemons;
+        let k = seen[d as usize];
+        seen[d as usize] += 1;
+        placed[(d + daemons * (k % per_daemon)) as usize].push(u);
+    }
+    placed
+}
+
+/// The end-of-run check on every daemon. With one daemon the states are read with plain GETs; with
+/// more, each daemon reads every session under its lock, and a lost update on any daemon counts.
+async fn verify_all(
+    endpoints: &[Endpoint],
+    plan: &Plan,
+    committed: &[u64],
+) -> Result<verify::Verdict, String> {
+    let read = if endpoints.len() > 1 {
+        verify::Read::Locked
+    } else {
+        verify::Read::Plain
+    };
+    let mut all = verify::Verdict::default();
+    for (d, endpoint) in endpoints.iter().enumerate() {
+        let verdict = verify::verify(endpoint, plan, committed, read).await?;
+        all.lost_updates = all.lost_updates.max(verdict.lost_updates);
+        all.extra_updates = all.extra_updates.max(verdict.extra_updates);
+        all.foreign = all.foreign.max(verdict.foreign);
+        if let Some(problem) = verdict.first_problem {
+            all.first_problem
+                .get_or_insert(format!("read back on daemon {d}: {problem}"));
+        }
+    }
+    Ok(all)
+}
+
 /// Runs the open-loop schedule on its own thread: message k (of user k mod N) comes due at
-/// start + k / rate, and goes to its user's connection. The thread sleeps with the operating
-/// system's clock, which is finer than the runtime's millisecond timers.
+/// start + k / rate, and goes to its user's connection (`route`: per user, its connection and
+/// slot). The thread sleeps with the operating system's clock, which is finer than the runtime's
+/// millisecond timers.
 fn spawn_pacer(
     rate: f64,
     start: Instant,
     plan: Arc<Plan>,
+    route: Vec<(usize, usize)>,
     schedules: Vec<mpsc::UnboundedSender<(usize, Instant)>>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let connections = schedules.len() as u64;
         for k in 0..plan.users * plan.messages {
             let due = start + Duration::from_secs_f64(k as f64 / rate);
             if due >= plan.deadline {
@@ -278,10 +339,9 @@ fn spawn_pacer(
             if due > now {
                 std::thread::sleep(due - now);
             }
-            let user = k % plan.users;
-            let slot = (user / connections) as usize;
+            let (conn, slot) = route[(k % plan.users) as usize];
             // A connection that has failed no longer listens; its failure is already counted.
-            let _ = schedules[(user % connections) as usize].send((slot, due));
+            let _ = schedules[conn].send((slot, due));
         }
     })
 }
@@ -352,8 +412,10 @@ struct Figures<'a> {
     opts: &'a SessionOpts,
     /// Sessions in use (the users when `--sessions` is 0).
     sessions: u64,
-    /// Connections in use (never more than the users).
+    /// Connections in use (never more than the users), spread evenly over the daemons.
     connections: u64,
+    /// Daemons the users were spread over.
+    daemons: u64,
     /// Wall-clock length of the run.
     secs: f64,
     /// The generator's CPU seconds, when /proc tells.
@@ -393,6 +455,7 @@ impl Figures<'_> {
             "messages": o.messages,
             "sessions": self.sessions,
             "connections": self.connections,
+            "daemons": self.daemons,
             "think_ms": o.think_ms,
             "rate": o.rate,
             "no_lock": o.no_lock,
@@ -440,11 +503,16 @@ impl Figures<'_> {
             None => "closed loop, no think time".to_string(),
         };
         let mut t = format!(
-            "# {} concurrent users × {} messages, {} sessions, {} connections, {load}{}\n",
+            "# {} concurrent users × {} messages, {} sessions, {} connections{}, {load}{}\n",
             o.users,
             o.messages,
             self.sessions,
             self.connections,
+            if self.daemons > 1 {
+                format!(" over {} daemons", self.daemons)
+            } else {
+                String::new()
+            },
             if o.no_lock { ", NO LOCK" } else { "" },
         );
         t += &format!(

@@ -6,12 +6,17 @@
 use super::state::SessionState;
 use super::Plan;
 use crate::net::{Conn, Endpoint};
-use crate::wire::{read_bin, write_request, Arg, Envelope};
+use crate::wire::{
+    read_bin, read_grant, read_unlock_status, write_request, Arg, Envelope, UUID_LEN,
+};
 use bytes::BytesMut;
 use scaled_client::proto::CommandName;
 
 /// GETs written at once while reading the states back.
 const BATCH: u64 = 256;
+
+/// The lease, and the longest wait, of the check's own LOCKs.
+const CHECK_LEASE_MS: u64 = 10_000;
 
 /// What the check found.
 #[derive(Default, Debug)]
@@ -26,17 +31,32 @@ pub struct Verdict {
     pub first_problem: Option<String>,
 }
 
+/// How the check reads a session back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Read {
+    /// A plain GET: enough on the daemon every write went through.
+    Plain,
+    /// LOCK, GET, UNLOCK: with several daemons a GET outside a lock may trail another daemon's
+    /// write by the invalidation window, while under the lock it may not (docs/coherence.md).
+    Locked,
+}
+
 /// Reads back every session and compares it with `committed` (per user id, acknowledged messages).
 pub async fn verify(
     endpoint: &Endpoint,
     plan: &Plan,
     committed: &[u64],
+    read: Read,
 ) -> Result<Verdict, String> {
     let mut conn = Conn::open(endpoint, false).await?;
     let mut verdict = Verdict::default();
     let mut next = 0;
     while next < plan.sessions {
         let end = (next + BATCH).min(plan.sessions);
+        let grants = match read {
+            Read::Plain => Vec::new(),
+            Read::Locked => lock_all(&mut conn, plan, next, end).await?,
+        };
         for s in next..end {
             let key = plan.key(s);
             write_request(
@@ -49,22 +69,11 @@ pub async fn verify(
             );
         }
         conn.flush().await?;
-        // Answers are matched by id: a daemon whose GETs wait on Redis answers them as they finish.
-        let mut bodies: Vec<Option<BytesMut>> = vec![None; (end - next) as usize];
-        for _ in next..end {
-            let body = conn.next_frame().await?;
-            let id = Envelope::parse(&body)?.id;
-            let slot = id
-                .checked_sub(next + 1)
-                .and_then(|i| bodies.get_mut(usize::try_from(i).ok()?))
-                .filter(|slot| slot.is_none())
-                .ok_or_else(|| {
-                    format!("checking: answer id {id}, not one of {}..={end}", next + 1)
-                })?;
-            *slot = Some(body);
+        let bodies = answers(&mut conn, next, end).await?;
+        if read == Read::Locked {
+            unlock_all(&mut conn, plan, next, &grants).await?;
         }
         for (s, body) in (next..end).zip(bodies) {
-            let body = body.ok_or_else(|| format!("checking: no answer for id {}", s + 1))?;
             let envelope = Envelope::parse(&body)?;
             let state = envelope
                 .ok()
@@ -87,6 +96,93 @@ pub async fn verify(
         next = end;
     }
     Ok(verdict)
+}
+
+/// Reads the answers to requests `next + 1 ..= end`, in id order. They are matched by id: a daemon
+/// whose requests wait on Redis answers them as they finish.
+async fn answers(conn: &mut Conn, next: u64, end: u64) -> Result<Vec<BytesMut>, String> {
+    let mut bodies: Vec<Option<BytesMut>> = vec![None; (end - next) as usize];
+    for _ in next..end {
+        let body = conn.next_frame().await?;
+        let id = Envelope::parse(&body)?.id;
+        let slot = id
+            .checked_sub(next + 1)
+            .and_then(|i| bodies.get_mut(usize::try_from(i).ok()?))
+            .filter(|slot| slot.is_none())
+            .ok_or_else(|| format!("checking: answer id {id}, not one of {}..={end}", next + 1))?;
+        *slot = Some(body);
+    }
+    (next..end)
+        .zip(bodies)
+        .map(|(s, body)| body.ok_or_else(|| format!("checking: no answer for id {}", s + 1)))
+        .collect()
+}
+
+/// Takes the locks of sessions `next..end` (the run is over, so each is free or soon will be) and
+/// answers their owner tokens in session order.
+async fn lock_all(
+    conn: &mut Conn,
+    plan: &Plan,
+    next: u64,
+    end: u64,
+) -> Result<Vec<[u8; UUID_LEN]>, String> {
+    for s in next..end {
+        let key = plan.key(s);
+        write_request(
+            &mut conn.out,
+            s + 1,
+            CommandName::Lock,
+            &[
+                ("key", Arg::Str(&key)),
+                ("ttl_ms", Arg::Uint(CHECK_LEASE_MS)),
+                ("wait_ms", Arg::Uint(CHECK_LEASE_MS)),
+            ],
+            &plan.session_ids[s as usize],
+            "check",
+        );
+    }
+    conn.flush().await?;
+    let bodies = answers(conn, next, end).await?;
+    (next..end)
+        .zip(bodies)
+        .map(|(s, body)| {
+            let grant = Envelope::parse(&body)?
+                .ok()
+                .and_then(read_grant)
+                .map_err(|e| format!("checking: LOCK of session {s}: {e}"))?;
+            Ok(grant.token)
+        })
+        .collect()
+}
+
+/// Gives back the locks [`lock_all`] took.
+async fn unlock_all(
+    conn: &mut Conn,
+    plan: &Plan,
+    next: u64,
+    tokens: &[[u8; UUID_LEN]],
+) -> Result<(), String> {
+    for (s, token) in (next..).zip(tokens) {
+        let key = plan.key(s);
+        let token = std::str::from_utf8(token).map_err(|e| format!("owner token: {e}"))?;
+        write_request(
+            &mut conn.out,
+            s + 1,
+            CommandName::Unlock,
+            &[("key", Arg::Str(&key)), ("token", Arg::Str(token))],
+            &plan.session_ids[s as usize],
+            "check",
+        );
+    }
+    conn.flush().await?;
+    let end = next + tokens.len() as u64;
+    for (s, body) in (next..end).zip(answers(conn, next, end).await?) {
+        Envelope::parse(&body)?
+            .ok()
+            .and_then(read_unlock_status)
+            .map_err(|e| format!("checking: UNLOCK of session {s}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Compares one session's state with its users' acknowledged messages.
