@@ -10,6 +10,10 @@
 //! which walks a bounded number of slots per shard per call so no sweep holds a shard for long.
 //!
 //! The cache knows nothing of sockets or commands; time is passed in, so tests control it.
+//!
+//! Each entry carries a [`Tag`]: nothing standalone (every entry has the default), and in Redis mode
+//! the write sequence the value is current at and the epoch it was cached in, which the store's
+//! coherence rules read and compare under the shard's mutex (docs/coherence.md).
 
 use std::hash::BuildHasher;
 
@@ -55,6 +59,16 @@ pub enum CacheError {
 /// Counters and sizes, as STATS reports them under `cache`: the client crate's type, so the daemon and
 /// its clients share one schema.
 pub use scaled_client::answers::CacheStats;
+
+/// What an entry is current at, for a cache in front of Redis (docs/coherence.md, "Cache entries
+/// carry the sequence they are current at"). Standalone, every entry has the default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tag {
+    /// The value is the newest write of its key up to this write sequence.
+    pub seq: u64,
+    /// The cache epoch it was cached in; a lost invalidation stream starts a new one.
+    pub epoch: u64,
+}
 
 /// The sharded cache.
 pub struct SessionCache {
@@ -120,6 +134,57 @@ impl SessionCache {
         shard.lock().remove(hash, key, now)
     }
 
+    /// The live value under `key` with its tag, if `serve` accepts the tag: counted a hit (and
+    /// marked recently used) when it does, a miss when it does not or there is none.
+    pub fn get_tagged(
+        &self,
+        key: &str,
+        now: Instant,
+        serve: impl FnOnce(Tag) -> bool,
+    ) -> Option<(Bytes, Tag)> {
+        let (hash, shard) = self.locate(key);
+        shard.lock().get_tagged(hash, key, now, serve)
+    }
+
+    /// Stores `value` under `key` with `tag`, unless the entry there is of the same epoch and current
+    /// at a later sequence (a value never goes back in time). True when stored.
+    pub fn set_tagged(
+        &self,
+        key: &str,
+        value: Bytes,
+        expires_at: Option<Instant>,
+        tag: Tag,
+        now: Instant,
+    ) -> Result<bool, CacheError> {
+        let (hash, shard) = self.locate(key);
+        let mut shard = shard.lock();
+        if let Some(i) = shard.find(hash, key) {
+            let old = shard.node(i).tag;
+            if old.epoch == tag.epoch && old.seq > tag.seq {
+                return Ok(false);
+            }
+        }
+        shard.set(hash, key, value, expires_at, now)?;
+        if let Some(i) = shard.find(hash, key) {
+            shard.node_mut(i).tag = tag;
+        }
+        Ok(true)
+    }
+
+    /// Removes `key` if its entry is older than write `seq` of `epoch`: current at a lower sequence,
+    /// or cached in another epoch. True when an entry was removed.
+    pub fn remove_older(&self, key: &str, seq: u64, epoch: u64, now: Instant) -> bool {
+        let (hash, shard) = self.locate(key);
+        let mut shard = shard.lock();
+        match shard.find(hash, key) {
+            Some(i) if shard.node(i).tag.epoch != epoch || shard.node(i).tag.seq < seq => {
+                shard.remove(hash, key, now);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Drops expired entries, looking at no more than `budget` slots of each shard, and returns how many
     /// it dropped. Called from the background; successive calls walk on round each shard.
     pub fn sweep(&self, now: Instant, budget: usize) -> usize {
@@ -164,6 +229,8 @@ struct Node {
     value: Bytes,
     hash: u64,
     expires_at: Option<Instant>,
+    /// What the value is current at (Redis mode); the default standalone.
+    tag: Tag,
     /// Towards the most recently used end.
     prev: u32,
     /// Towards the least recently used end.
@@ -261,6 +328,33 @@ impl Shard {
         Some(self.node(i).value.clone())
     }
 
+    fn get_tagged(
+        &mut self,
+        hash: u64,
+        key: &str,
+        now: Instant,
+        serve: impl FnOnce(Tag) -> bool,
+    ) -> Option<(Bytes, Tag)> {
+        let Some(i) = self.find(hash, key) else {
+            self.misses += 1;
+            return None;
+        };
+        if self.node(i).expired(now) {
+            self.drop_slot(i);
+            self.expirations += 1;
+            self.misses += 1;
+            return None;
+        }
+        let tag = self.node(i).tag;
+        if !serve(tag) {
+            self.misses += 1;
+            return None;
+        }
+        self.hits += 1;
+        self.touch(i);
+        Some((self.node(i).value.clone(), tag))
+    }
+
     fn set(
         &mut self,
         hash: u64,
@@ -281,6 +375,7 @@ impl Shard {
             let old = node.value.len();
             node.value = value;
             node.expires_at = expires_at;
+            node.tag = Tag::default();
             self.bytes = self.bytes - old + size - key.len();
             self.touch(i);
         } else {
@@ -289,6 +384,7 @@ impl Shard {
                 value,
                 hash,
                 expires_at,
+                tag: Tag::default(),
                 prev: NIL,
                 next: NIL,
             };
@@ -489,6 +585,41 @@ mod tests {
         assert!(c.remove("k", now));
         assert!(!c.remove("k", now));
         assert_eq!(c.stats().bytes, 0);
+    }
+
+    #[test]
+    fn tags_never_go_back_in_time_and_gate_reads_and_removals() {
+        let c = cache(10);
+        let now = Instant::now();
+        let tag = |seq, epoch| Tag { seq, epoch };
+        assert!(c
+            .set_tagged("k", Bytes::from_static(b"new"), None, tag(5, 2), now)
+            .unwrap());
+        assert!(!c
+            .set_tagged("k", Bytes::from_static(b"old"), None, tag(4, 2), now)
+            .unwrap());
+        assert_eq!(
+            c.get_tagged("k", now, |_| true).map(|(v, _)| v),
+            Some(Bytes::from_static(b"new"))
+        );
+        // Another epoch replaces whatever its sequence.
+        assert!(c
+            .set_tagged("k", Bytes::from_static(b"e4"), None, tag(1, 4), now)
+            .unwrap());
+        assert!(c.get_tagged("k", now, |t| t.epoch == 2).is_none());
+        assert!(
+            !c.remove_older("k", 1, 4, now),
+            "removed by its own write's invalidation"
+        );
+        assert!(c.remove_older("k", 2, 4, now));
+        c.set_tagged("k", Bytes::from_static(b"v"), None, tag(9, 4), now)
+            .unwrap();
+        assert!(
+            c.remove_older("k", 1, 6, now),
+            "an older epoch's entry survived"
+        );
+        let s = c.stats();
+        assert_eq!((s.hits, s.misses, s.size), (1, 1, 0));
     }
 
     #[test]

@@ -65,7 +65,11 @@ impl Daemon {
             wall_clock_micros(),
             config.lock_limits(),
         ));
-        let store = Store::new(cache.clone(), locks.clone(), Remote::start(&config)?);
+        let store = Store::new(
+            cache.clone(),
+            locks.clone(),
+            Remote::start(&config, &cache)?,
+        );
         let buffers = Budget::new(usize::try_from(config.max_buffer_bytes).unwrap_or(usize::MAX));
         let waiting = Arc::new(Budget::new(
             usize::try_from(config.max_waiting).unwrap_or(usize::MAX),

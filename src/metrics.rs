@@ -484,6 +484,51 @@ impl Collector for Figures {
             "Lock releases waiting for Redis.",
             r.releases_pending,
         )?;
+        // The local cache in front of Redis.
+        for (name, help, value) in [
+            (
+                "redis_cache_hits",
+                "GETs answered from the local cache with Redis available.",
+                r.cache_hits,
+            ),
+            (
+                "redis_degraded_hits",
+                "GETs answered from the local cache while Redis was unreachable.",
+                r.degraded_hits,
+            ),
+            (
+                "redis_reads",
+                "Reads of a value sent to Redis for GETs.",
+                r.reads,
+            ),
+            (
+                "redis_reads_shared",
+                "GETs that shared another GET's Redis read.",
+                r.reads_shared,
+            ),
+            (
+                "redis_reads_saved",
+                "Redis reads saved by the local cache and by shared reads.",
+                r.reads_saved,
+            ),
+            (
+                "redis_fills_dropped",
+                "Values not cached because an invalidation raced them.",
+                r.fills_dropped,
+            ),
+            (
+                "redis_invalidations",
+                "Invalidations applied to the local cache.",
+                r.invalidations,
+            ),
+            (
+                "redis_flushes",
+                "Times the invalidation stream was lost and the local cache flushed.",
+                r.flushes,
+            ),
+        ] {
+            counter(&mut enc, name, help, value)?;
+        }
         Ok(())
     }
 }

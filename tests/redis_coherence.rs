@@ -226,6 +226,29 @@ async fn sessions_touched_from_every_daemon_under_their_locks_lose_nothing_and_r
     assert_eq!(touches.made, 3 * 2 * 20 * 5);
     assert_eq!(touches.lost_updates, 0, "{touches:?}");
     assert_eq!(touches.stale_reads, 0, "{touches:?}");
+    // With the local caches on, and used: some of those reads under a lock were answered from one
+    // (the final reads, one GET per session, account for at most 20 hits).
+    let hits = cache_hits(&group).await;
+    assert!(
+        hits > 20,
+        "{hits} GETs answered from a cache: the reads under the locks did not use it"
+    );
+}
+
+/// GETs answered from the daemons' local caches, summed over the group.
+async fn cache_hits(group: &DaemonGroup) -> u64 {
+    let mut hits = 0;
+    for d in &group.daemons {
+        hits += d
+            .client()
+            .await
+            .stats()
+            .await
+            .expect("STATS")
+            .redis
+            .cache_hits;
+    }
+    hits
 }
 
 /// The checks above can fail: the same workload without the lock loses updates and reads stale.

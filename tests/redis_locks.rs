@@ -64,6 +64,15 @@ fn counter(value: Option<Vec<u8>>) -> u64 {
 /// What a run of the increment workload saw: per counter, (value read under the lock, fence held).
 type Seen = Vec<Vec<(u64, u64)>>;
 
+/// GETs answered from the daemons' local caches so far, summed over `clients`' daemons.
+async fn cache_hits(clients: &[Client]) -> u64 {
+    let mut hits = 0;
+    for c in clients {
+        hits += c.stats().await.expect("STATS").redis.cache_hits;
+    }
+    hits
+}
+
 /// Each of `workers` clients per daemon adds 1 to each of `keys` counters `rounds` times: GET, +1,
 /// SET. With `locked`, each increment runs under the counter's lock with a fenced SET; without, every
 /// worker reads before any writes in each round (a barrier between), the interleaving a lock exists
@@ -138,6 +147,13 @@ async fn increments_under_lock_from_three_daemons_lose_no_update_and_fences_only
     let (finals, seen) = increments(&clients, workers, keys, rounds, true).await;
     let each = (clients.len() * workers * rounds) as u64;
     assert_eq!(finals, vec![each; keys], "lost updates under the lock");
+    // The local caches were on and answered some of the reads made under the locks (the final
+    // reads, `keys` GETs on one daemon, account for at most `keys` hits).
+    let hits = cache_hits(&clients).await;
+    assert!(
+        hits > keys as u64,
+        "{hits} GETs answered from a cache: the reads under the locks did not use it"
+    );
     for (k, mut grants) in seen.into_iter().enumerate() {
         // Each critical section read the count the one before it left: order them by it.
         grants.sort_unstable();

@@ -4,12 +4,15 @@
 //!
 //! - one multiplexed connection against several (a pool), with 1 and 64 concurrent callers;
 //! - the invalidation window: from sending a write on one link to its invalidation arriving on
-//!   another link's stream, p50 and p99.
+//!   another link's stream, p50 and p99;
+//! - the invalidation window through two daemons: from a SET's acknowledgement on daemon A to the
+//!   first GET on daemon B that reads it, p50 and p99, next to a plain GET's round trip on B.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
+use common::daemon_group::DaemonGroup;
 use common::redis_server::RedisServer;
 use scaled::redis::coherence::{Event, Invalidations};
 use scaled::redis::{Link, RedisSettings};
@@ -104,6 +107,56 @@ async fn invalidation_window() {
     for (name, mut v) in [
         ("write acknowledged", acked),
         ("invalidation applied", window),
+    ] {
+        v.sort();
+        let p = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)];
+        println!("{name}: p50 {:?}, p99 {:?}", p(0.50), p(0.99));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run by hand"]
+async fn invalidation_window_through_two_daemons() {
+    const WRITES: u32 = 2000;
+    let redis = RedisServer::start();
+    let group = DaemonGroup::start_available(&redis, 2, &[]).await;
+    let (a, b) = (group.host(0).client().await, group.host(1).client().await);
+    a.set("k", b"start", None).await.expect("SET");
+    let mut window = Vec::new();
+    let mut round_trip = Vec::new();
+    let mut gets = 0u64;
+    for i in 0..WRITES {
+        let value = i.to_be_bytes();
+        // B holds the previous value in its cache, so only the invalidation lets it see the new one.
+        let t = Instant::now();
+        b.get("k").await.expect("GET on B");
+        round_trip.push(t.elapsed());
+        a.set("k", &value, None).await.expect("SET on A");
+        let acked = Instant::now();
+        loop {
+            gets += 1;
+            let got = b.get("k").await.expect("GET on B");
+            if got.as_deref() == Some(&value[..]) {
+                window.push(acked.elapsed());
+                break;
+            }
+            assert!(
+                acked.elapsed() < Duration::from_secs(10),
+                "B never saw write {i}"
+            );
+        }
+    }
+    let hits = b.stats().await.expect("STATS").redis.cache_hits;
+    println!(
+        "{WRITES} writes on A; {gets} GETs on B until each was seen ({:.2} per write); B's cache hits {hits}",
+        gets as f64 / f64::from(WRITES)
+    );
+    for (name, mut v) in [
+        ("GET round trip on B (a hit)", round_trip),
+        (
+            "SET acknowledged on A -> first GET on B that reads it answered",
+            window,
+        ),
     ] {
         v.sort();
         let p = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)];

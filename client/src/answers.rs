@@ -175,6 +175,23 @@ pub struct RedisStats {
     pub locks_lost: u64,
     /// Releases waiting for the background releaser now (a connection's end, Redis away).
     pub releases_pending: u64,
+    /// GETs answered from the local cache with Redis available, since start.
+    pub cache_hits: u64,
+    /// GETs answered from the local cache while Redis was unreachable (marked degraded), since start.
+    pub degraded_hits: u64,
+    /// Reads of a value sent to Redis for GETs, since start.
+    pub reads: u64,
+    /// GETs that shared a read another GET had started (single flight), since start.
+    pub reads_shared: u64,
+    /// Redis reads saved: `cache_hits + reads_shared`, since start.
+    pub reads_saved: u64,
+    /// Values read or written that were not cached because an invalidation of their key, or a lost
+    /// invalidation stream, came between their Redis step and their landing, since start.
+    pub fills_dropped: u64,
+    /// Invalidations applied to the local cache, since start.
+    pub invalidations: u64,
+    /// Times the invalidation stream was lost and the local cache flushed, since start.
+    pub flushes: u64,
 }
 
 /// STATS `connections`.

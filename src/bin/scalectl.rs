@@ -463,6 +463,18 @@ fn render_stats(doc: &Stats) -> String {
             r.locks_lost,
             r.releases_pending,
         );
+        s += &format!(
+            "             cache {} hits   {} degraded hits   {} reads   {} shared   {} reads saved   \
+             {} fills dropped   {} invalidations   {} flushes\n",
+            r.cache_hits,
+            r.degraded_hits,
+            r.reads,
+            r.reads_shared,
+            r.reads_saved,
+            r.fills_dropped,
+            r.invalidations,
+            r.flushes,
+        );
     }
     let l = &doc.locks;
     s += &format!(

@@ -6,7 +6,7 @@ use tokio::time::Instant;
 
 use scaled_client::proto::Args;
 
-use super::{required_key, CommandError, CommandResult, Reply};
+use super::{marked, required_key, Answer, CommandError, Reply};
 use crate::daemon::Daemon;
 use crate::store::Step;
 
@@ -14,10 +14,12 @@ pub fn run(
     daemon: &Arc<Daemon>,
     mut args: Args,
     now: Instant,
-) -> Result<Step<CommandResult>, CommandError> {
+) -> Result<Step<Answer>, CommandError> {
     let key = required_key(&mut args)?;
-    Ok(daemon.store.get(&key, now).map(|found| {
-        let value = found.map_err(CommandError::from)?;
-        Ok(value.map_or(Reply::Nil, Reply::Value))
+    let daemon2 = daemon.clone();
+    Ok(daemon.store.get(&key, now).map(move |found| {
+        marked(&daemon2, found, |value| {
+            value.map_or(Reply::Nil, Reply::Value)
+        })
     }))
 }

@@ -37,6 +37,11 @@ pub struct Chains {
 pub struct After(Option<watch::Receiver<()>>);
 
 impl After {
+    /// Whether there is nothing to wait for.
+    pub fn is_none(&self) -> bool {
+        self.0.is_none()
+    }
+
     /// Waits until the write before has finished (or was cancelled).
     pub async fn wait(self) {
         if let Some(mut rx) = self.0 {

@@ -238,6 +238,10 @@ impl Store {
             return RedisStats::default();
         };
         let link = remote.link.stats();
+        let coherent = &remote.coherent.counters;
+        let flights = &self.chains.flights;
+        let hits = coherent.hits.load(Ordering::Relaxed);
+        let shared = flights.joined.load(Ordering::Relaxed);
         RedisStats {
             configured: true,
             available: remote.available(),
@@ -249,6 +253,14 @@ impl Store {
             renewals_failed: remote.counters.renewals_failed.load(Ordering::Relaxed),
             locks_lost: remote.degraded.locks_lost(),
             releases_pending: remote.releaser.pending() as u64,
+            cache_hits: hits,
+            degraded_hits: coherent.degraded_hits.load(Ordering::Relaxed),
+            reads: flights.started.load(Ordering::Relaxed),
+            reads_shared: shared,
+            reads_saved: hits + shared,
+            fills_dropped: coherent.fills_dropped.load(Ordering::Relaxed),
+            invalidations: coherent.invalidations.load(Ordering::Relaxed),
+            flushes: coherent.flushes.load(Ordering::Relaxed),
         }
     }
 }
@@ -302,7 +314,8 @@ async fn adopt_all(remote: &Arc<Remote>, locks: &Arc<LockTable>) {
             .adopt(&lock, &token, Remote::redis_lease(grant.lease), grant.fence)
             .await;
         match adopted {
-            Ok(Adopt::Adopted { .. }) => {
+            Ok(Adopt::Adopted { seq }) => {
+                remote.coherent.raise_barrier(seq);
                 if !remote.degraded.forget_local(&lock, &token) || !locks.holds(&lock, &token) {
                     // Released while the adopt ran: let it go in Redis too.
                     remote.release_later(lock, token, grant.lease);

@@ -318,7 +318,10 @@ impl Candidate {
                 Err(e) => return Err(self.remote.store_error(e)),
             };
             let lease_left = match answer {
-                RedisAcquire::Granted { fence, .. } => {
+                RedisAcquire::Granted { fence, seq } => {
+                    // The read barrier, raised before the LOCK is answered: GETs under this grant
+                    // answer from the cache only once it has applied every write up to `seq`.
+                    self.remote.coherent.raise_barrier(seq);
                     if !self.start_lease(fence) {
                         // The local record ended while Redis was asked (its connection closed):
                         // give Redis's grant back.

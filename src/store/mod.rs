@@ -12,6 +12,7 @@
 //! in a Redis script) depends on the tier.
 //!
 //! - [`chain`]: per-key order of the requests that wait on Redis.
+//! - [`coherent`]: the local cache in front of Redis, and what of it GET may answer.
 //! - [`degraded`]: degraded mode (Redis configured but unreachable), lost locks, and adoption.
 //! - [`flight`]: single flight, concurrent GETs of a key sharing one Redis read.
 //! - [`lock`]: LOCK, standalone and in two phases with Redis.
@@ -19,6 +20,7 @@
 //! - [`release`]: the background releaser for releases seen where nobody can await Redis.
 
 pub mod chain;
+pub mod coherent;
 pub mod degraded;
 pub mod flight;
 pub mod lock;
@@ -123,7 +125,7 @@ pub struct Store {
     /// Redis, when REDIS_URL is set; `None` standalone, where every step is ready at once.
     pub remote: Option<Arc<Remote>>,
     /// Writes of each key in flight to Redis, so later requests on the key wait for them.
-    chains: Arc<Chains>,
+    pub(crate) chains: Arc<Chains>,
 }
 
 impl Store {
@@ -148,23 +150,45 @@ impl Store {
         self.remote.as_ref().is_some_and(|r| !r.available())
     }
 
-    /// The value under `key`, if any.
-    pub fn get(&self, key: &str, now: Instant) -> Step<Result<Option<Bytes>, StoreError>> {
+    /// The value under `key`, if any. With Redis: from the local cache when it may answer
+    /// (docs/coherence.md), otherwise read from Redis and cached; while Redis is unreachable, from
+    /// the local cache marked degraded, or `UNAVAILABLE`.
+    pub fn get(&self, key: &str, now: Instant) -> Step<Result<Marked<Option<Bytes>>, StoreError>> {
         let Some(remote) = &self.remote else {
-            return Step::Ready(Ok(self.cache.get(key, now)));
+            return Step::Ready(Ok(Marked::plain(self.cache.get(key, now))));
         };
-        // Every GET reads Redis: coherent across hosts whatever they wrote. It reads after the
-        // writes of the key sent before it have finished.
+        // It reads after the writes of the key sent before it have finished.
         let after = self.chains.read(key);
+        // Looked up now when nothing is to wait for; after the wait otherwise.
+        let looked_up = after.is_none() && remote.available();
+        if looked_up {
+            if let Some(value) = remote.coherent.serve(key, now) {
+                return Step::Ready(Ok(Marked::plain(Some(value))));
+            }
+        }
         let (remote, flights, key) = (remote.clone(), self.chains.flights.clone(), key.to_string());
         Step::Remote(Box::pin(async move {
             after.wait().await;
-            // Concurrent GETs of the key share one read (single flight).
+            if !remote.available() {
+                return degraded_get(&remote, &key, "Redis is unreachable".into());
+            }
+            if !looked_up {
+                if let Some(value) = remote.coherent.serve(&key, Instant::now()) {
+                    return Ok(Marked::plain(Some(value)));
+                }
+            }
+            // Concurrent misses of the key share one read (single flight); the watch is taken
+            // before the read is sent, so an invalidation that comes before the fill lands is seen.
             let read = flights.read(&key, || {
-                let key = key.clone();
-                async move { remote.get(&key).await }
+                let (remote, key) = (remote.clone(), key.clone());
+                let watch = remote.coherent.watch(&key);
+                async move { remote.get(&key, watch).await }
             });
-            read.await
+            match read.await {
+                Ok(value) => Ok(Marked::plain(value)),
+                Err(StoreError::Unavailable(why)) => degraded_get(&remote, &key, why),
+                Err(e) => Err(e),
+            }
         }))
     }
 
@@ -184,9 +208,18 @@ impl Store {
             let (after, link) = self.chains.write(&key);
             return Step::Remote(Box::pin(async move {
                 after.wait().await;
-                let written = remote.set(&key, value, ttl, fence).await;
+                let watch = remote.coherent.watch(&key);
+                // Before the write is sent: Redis counts the TTL from later, so the copy ends first.
+                let sent = Instant::now();
+                let written = remote.set(&key, value.clone(), ttl, fence).await;
+                if let Ok(seq) = written {
+                    // Cached at its own sequence: its own invalidation will not evict it.
+                    remote.coherent.wrote(&key, seq);
+                    let expires_at = ttl.and_then(|t| sent.checked_add(t));
+                    remote.coherent.land(&watch, Some(value), expires_at, seq);
+                }
                 drop(link);
-                written
+                written.map(drop)
             }));
         }
         // A TTL too long to add to the clock is as good as none.
@@ -218,8 +251,11 @@ impl Store {
             return Step::Remote(Box::pin(async move {
                 after.wait().await;
                 let removed = remote.del(&key, fence).await;
+                if let Ok((_, seq)) = removed {
+                    remote.coherent.wrote(&key, seq);
+                }
                 drop(link);
-                removed
+                removed.map(|(existed, _)| existed)
             }));
         }
         let remove = || self.cache.remove(key, now);
@@ -380,6 +416,19 @@ impl Store {
             None => (false, false),
             Some(remote) => (true, remote.available()),
         }
+    }
+}
+
+/// A GET that could not reach Redis: the local cache's entry of any epoch, marked degraded, or
+/// `UNAVAILABLE` when it has none.
+fn degraded_get(
+    remote: &Remote,
+    key: &str,
+    why: String,
+) -> Result<Marked<Option<Bytes>>, StoreError> {
+    match remote.coherent.serve_degraded(key, Instant::now()) {
+        Some(value) => Ok(Marked::degraded(Some(value))),
+        None => Err(StoreError::Unavailable(why)),
     }
 }
 

@@ -2,21 +2,25 @@
 //! wake-ups and the releaser, and turns the link's answers into the store's.
 //!
 //! Writes go through (the write script checks the fence, bumps the write sequence and publishes the
-//! invalidation in one step), and are answered only after Redis acknowledged them. GET reads Redis
-//! every time (the read script, checksum verified): trivially coherent across hosts, and the fallback
-//! a cache in front must never be worse than.
+//! invalidation in one step), and are answered only after Redis acknowledged them, with the write's
+//! sequence so the store can cache what it wrote. The invalidation stream's subscriber feeds the
+//! cache in front ([`Coherent`]), which decides what of it GET may answer.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::time::Instant;
 
+use crate::cache::SessionCache;
 use crate::config::{Config, LockFallback};
 use crate::locks::Fenced;
+use crate::redis::coherence::Invalidations;
 use crate::redis::scripts::{FenceCheck, Write};
 use crate::redis::wakeups::Wakeups;
 use crate::redis::{Health, Link, LinkError, RedisSettings};
+use crate::store::coherent::{self, Coherent, Watch};
 use crate::store::degraded::Degraded;
 use crate::store::release::Releaser;
 use crate::store::StoreError;
@@ -24,6 +28,10 @@ use crate::store::StoreError;
 /// Most locks whose releases this daemon watches at once (one head waiter per contended lock); past
 /// it a waiter relies on its retry timer alone.
 const MAX_WATCHED_LOCKS: usize = 65_536;
+
+/// Most invalidations waiting for the store. Applying one is a hash lookup, so the queue is empty but
+/// for bursts; past it the cache is flushed and the stream resynced (docs/coherence.md).
+const INVALIDATION_QUEUE: usize = 65_536;
 
 /// The share of a lease the daemon takes off it as drift margin, as in Redis's distributed-lock
 /// algorithm (1 %), plus [`DRIFT_FLOOR`].
@@ -57,17 +65,25 @@ pub struct Remote {
     pub fallback: LockFallback,
     /// Degraded mode's state: unavailable time, locks granted locally, lost locks.
     pub degraded: Degraded,
+    /// The local cache in front of Redis, fed by the invalidation stream.
+    pub coherent: Arc<Coherent>,
 }
 
 impl Remote {
-    /// Starts the link and its helpers for `config`; `None` standalone. Must run inside a tokio
-    /// runtime.
-    pub fn start(config: &Config) -> Result<Option<Remote>, LinkError> {
+    /// Starts the link and its helpers for `config`, with `cache` in front; `None` standalone. Must
+    /// run inside a tokio runtime.
+    pub fn start(config: &Config, cache: &Arc<SessionCache>) -> Result<Option<Remote>, LinkError> {
         let Some(settings) = RedisSettings::from_config(config) else {
             return Ok(None);
         };
         let link = Link::start(settings)?;
+        let coherent = Arc::new(Coherent::new(cache.clone()));
+        tokio::spawn(coherent::follow(
+            coherent.clone(),
+            Invalidations::start(&link, INVALIDATION_QUEUE),
+        ));
         Ok(Some(Remote {
+            coherent,
             wakeups: Wakeups::start(&link, MAX_WATCHED_LOCKS),
             releaser: Releaser::start(link.clone()),
             link,
@@ -90,41 +106,56 @@ impl Remote {
         lease + lease.mul_f64(DRIFT_SHARE) + DRIFT_FLOOR
     }
 
-    /// The value of `key` in Redis.
-    pub async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
+    /// The value of `key` in Redis, landed in the cache in front unless an invalidation raced it.
+    pub async fn get(&self, key: &str, watch: Watch) -> Result<Option<Bytes>, StoreError> {
+        // Before the read is sent: Redis's own count of the TTL starts later, so the copy ends first.
+        let sent = Instant::now();
         match self.link.read(key).await {
-            Ok(read) => Ok(read.value.map(|v| v.bytes)),
+            Ok(read) => {
+                let value = read.value.map(|v| (v.bytes, v.ttl));
+                if let Some((bytes, ttl)) = &value {
+                    let expires_at = ttl.and_then(|t| sent.checked_add(t));
+                    self.coherent
+                        .land(&watch, Some(bytes.clone()), expires_at, read.seq);
+                }
+                Ok(value.map(|(bytes, _)| bytes))
+            }
             Err(e) => Err(self.store_error(e)),
         }
     }
 
-    /// Writes `value` under `key` in Redis, checked against `fence`.
+    /// Writes `value` under `key` in Redis, checked against `fence`; answers the write's sequence.
     pub async fn set(
         &self,
         key: &str,
         value: Bytes,
         ttl: Option<Duration>,
         fence: Option<(String, u64)>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<u64, StoreError> {
         let check = fence.as_ref().map(|(lock, token)| FenceCheck {
             lock,
             token: *token,
         });
         match self.link.set(key, &value, ttl, check).await {
-            Ok(Write::Done { .. }) => Ok(()),
+            Ok(Write::Done { seq, .. }) => Ok(seq),
             Ok(Write::Fenced { newest }) => Err(fenced(fence, newest)),
             Err(e) => Err(self.store_error(e)),
         }
     }
 
-    /// Deletes `key` in Redis, checked against `fence`; answers whether Redis held it.
-    pub async fn del(&self, key: &str, fence: Option<(String, u64)>) -> Result<bool, StoreError> {
+    /// Deletes `key` in Redis, checked against `fence`; answers whether Redis held it, and the
+    /// write's sequence.
+    pub async fn del(
+        &self,
+        key: &str,
+        fence: Option<(String, u64)>,
+    ) -> Result<(bool, u64), StoreError> {
         let check = fence.as_ref().map(|(lock, token)| FenceCheck {
             lock,
             token: *token,
         });
         match self.link.del(key, check).await {
-            Ok(Write::Done { existed, .. }) => Ok(existed),
+            Ok(Write::Done { existed, seq }) => Ok((existed, seq)),
             Ok(Write::Fenced { newest }) => Err(fenced(fence, newest)),
             Err(e) => Err(self.store_error(e)),
         }
