@@ -25,6 +25,7 @@
 //! - [`budget`]: daemon-wide budgets of buffer bytes and waiting requests, so per-connection limits
 //!   times the connection limit cannot exceed what the host can spare.
 //! - [`retire`]: cancels a departing connection's waiting requests a slice at a time.
+//! - [`waits`]: a connection's requests that finish later, and their limits.
 //! - [`rlimit`]: raises the open-file limit so the connection limit, not the kernel, turns clients away.
 //! - [`throttle`]: rate-limited warnings for what a client can cause at will.
 //! - [`stats`]: [`daemon::Daemon::stats`], the one builder of every figure, for STATS and `/metrics`.
@@ -61,3 +62,4 @@ pub mod signals;
 pub mod stats;
 pub mod store;
 pub mod throttle;
+pub mod waits;
