@@ -365,3 +365,42 @@ async fn the_daemon_wide_waiting_limit_refuses_one_more_wait_with_its_id() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurd_ttl_with_redis_is_stored_and_does_not_degrade_the_daemon() {
+    let redis = common::redis_server::RedisServer::start();
+    let daemon = TestDaemon::start(&["--redis-url", &redis.url()]);
+    let mut conn = daemon.raw().await;
+    // Wait until the daemon has reached Redis: a SET answered without `degraded`.
+    let deadline = std::time::Instant::now() + common::STARTUP_LIMIT;
+    for id in 1u64.. {
+        let answer = call(
+            &mut conn,
+            &request(id, "SET", vec![("key", s("up")), ("value", s("1"))]),
+        )
+        .await;
+        if answer.err.is_none() && !answer.degraded {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon never reached Redis: {answer:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // The largest uint as a SET's TTL is more than Redis can represent, so it is stored without
+    // expiry rather than passed on for Redis to refuse (which once answered INTERNAL); the longest
+    // TTL kept as one, 2^62 ms, is one Redis takes.
+    for (n, ttl) in [u64::MAX, (1 << 62) + 1, 1 << 62].into_iter().enumerate() {
+        let (id, key) = (100_000 + 2 * n as u64, format!("ttl:{ttl}"));
+        let set = vec![("key", s(&key)), ("value", s("v")), ("ttl_ms", ttl.into())];
+        let answer = call(&mut conn, &request(id, "SET", set)).await;
+        assert!(
+            answer.err.is_none() && !answer.degraded,
+            "SET with ttl_ms {ttl}: {answer:?}"
+        );
+        let got = call(&mut conn, &request(id + 1, "GET", vec![("key", s(&key))])).await;
+        assert_eq!(got.ok, rmpv::Value::Binary(b"v".to_vec()), "{got:?}");
+        assert!(!got.degraded, "{got:?}");
+    }
+}
