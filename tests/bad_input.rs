@@ -404,3 +404,46 @@ async fn an_absurd_ttl_with_redis_is_stored_and_does_not_degrade_the_daemon() {
         assert!(!got.degraded, "{got:?}");
     }
 }
+
+#[tokio::test]
+async fn an_answer_over_the_buffer_budget_is_overloaded_and_the_connection_goes_on() {
+    // A 256 KiB budget, and 300 locks with 1000-byte keys held: the LOCKS page listing them all is
+    // about 350 KiB, more than the budget, though every request that made it was small.
+    let daemon = TestDaemon::start(&["--max-buffer-bytes", "262144"]);
+    let mut conn = daemon.raw().await;
+    let locks = 300u64;
+    for n in 0..locks {
+        let key = format!("{n:04}:{}", "k".repeat(995));
+        conn.send(&request(n + 1, "LOCK", vec![("key", s(&key))]))
+            .await;
+    }
+    for _ in 0..locks {
+        let grant = conn.recv().await.expect("a LOCK answer");
+        assert!(grant.err.is_none(), "LOCK: {:?}", grant.err);
+    }
+    let id = 1_000;
+    let answer = call(
+        &mut conn,
+        &request(id, "LOCKS", vec![("limit", 1000.into())]),
+    )
+    .await;
+    assert_err(&answer, id, "OVERLOADED");
+    assert!(
+        answer
+            .err
+            .as_ref()
+            .is_some_and(|e| e.message.contains("SCALED_MAX_BUFFER_BYTES")),
+        "the message names the budget: {:?}",
+        answer.err
+    );
+    // The connection goes on, and a page that fits is answered.
+    let page = call(
+        &mut conn,
+        &request(id + 1, "LOCKS", vec![("limit", 10.into())]),
+    )
+    .await;
+    assert!(page.err.is_none(), "{:?}", page.err);
+    assert_eq!(page.ok["locks"].as_array().map(Vec::len), Some(10));
+    assert_eq!(page.ok["total"].as_u64(), Some(locks));
+    assert_open(&mut conn, id + 2).await;
+}
