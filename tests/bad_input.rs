@@ -1,8 +1,9 @@
 //! The classes of bad input of the README's bad-input table that no other test shows: a request
 //! without an `id`, missing arguments and empty keys for every command that takes them, TTLs of 0,
 //! negative and absurdly large for every command that takes a duration, a stranger's or a garbage
-//! UNLOCK token, and the daemon-wide waiting limit. Each answer is checked for its code, its id and
-//! whether the connection stays open (a PING on the same connection answers after it).
+//! UNLOCK token, the daemon-wide waiting limit, and an answer over the buffer budget. Each answer is
+//! checked for its code, its id and whether the connection stays open (a PING on the same connection
+//! answers after it).
 
 mod common;
 
