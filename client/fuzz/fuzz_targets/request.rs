@@ -42,7 +42,13 @@ fuzz_target!(|data: &[u8]| {
         };
         let mut out = Vec::new();
         if let Some(answer) = answer {
-            write_answer(&mut out, &ctx, ctx.elapsed_us(Instant::now()), &answer.result, answer.degraded);
+            write_answer(
+                &mut out,
+                &ctx,
+                ctx.elapsed_us(Instant::now()),
+                &answer.result,
+                answer.degraded,
+            );
         }
         out
     });

@@ -60,7 +60,12 @@ pub fn check_answers(out: &[u8]) {
         let response = Response::decode(&body).expect("an answer a client can decode");
         if let Some(err) = &response.err {
             let code = ErrorCode::parse(&err.code).expect("an error code from the closed list");
-            assert_ne!(code, ErrorCode::Internal, "INTERNAL answer: {}", err.message);
+            assert_ne!(
+                code,
+                ErrorCode::Internal,
+                "INTERNAL answer: {}",
+                err.message
+            );
         }
     }
 }
