@@ -663,7 +663,19 @@ fn respond(daemon: &Daemon, bufs: &mut Buffers, ctx: &RequestContext, answer: im
         now,
     );
     crate::reqlog::finished(ctx, &result, elapsed_us);
-    let out = &mut bufs.out;
+    write_answer(&mut bufs.out, ctx, elapsed_us, &result, degraded);
+}
+
+/// Appends one answer as a whole frame: the response envelope for `ctx`'s request, then its `ok` or
+/// `err`. Public so that the fuzz targets (client/fuzz/) encode what [`crate::cmd::dispatch`] answers
+/// exactly as a connection does, without a socket.
+pub fn write_answer(
+    out: &mut Vec<u8>,
+    ctx: &RequestContext,
+    elapsed_us: u64,
+    result: &cmd::CommandResult,
+    degraded: bool,
+) {
     let mut id_text = [0u8; 36];
     let request_id = ctx.request_id.hyphenated().encode_lower(&mut id_text);
     let start = begin_frame(out);
@@ -672,7 +684,7 @@ fn respond(daemon: &Daemon, bufs: &mut Buffers, ctx: &RequestContext, answer: im
     } else {
         write_response_head(out, ctx.id, request_id, elapsed_us);
     }
-    match &result {
+    match result {
         Ok(reply) => {
             write_ok_key(out);
             reply.write(out);

@@ -11,6 +11,9 @@
 //! - [`access`]: who may connect (Unix peer credentials, TCP tokens) and what each peer may reach
 //!   (key namespaces, admins).
 //! - [`connection`]: one client connection; reads frames, decodes requests, writes answers as they finish.
+//!   Its entry points need no socket: [`connection::serve`] takes any byte stream, and
+//!   [`cmd::dispatch`] plus [`connection::write_answer`] run and answer one request; the fuzz targets
+//!   (`client/fuzz/`) drive the daemon through exactly these.
 //! - [`context`]: the per-request context (UUID request_id, session_id, user_id, clock, tracing span).
 //! - [`cmd`]: one file per command; [`cmd::dispatch`] decides what a request does.
 //! - [`store`]: the seam between commands and state: the cache and lock table standalone, a second

@@ -1606,3 +1606,90 @@ async fn a_lock_whose_default_wait_is_zero_is_in_try_mode() {
     assert_eq!(stats["timeouts"].as_u64(), Some(0), "locks.timeouts");
     assert_eq!(stats["waiters"].as_u64(), Some(0), "locks.waiters");
 }
+
+// ---------------------------------------------------------------------------------------------------
+// The fuzzers' seed corpus (client/fuzz/seeds/), made from the request vectors so it follows the spec
+
+/// Where the fuzz targets' seeds live: one directory per target.
+const SEEDS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/client/fuzz/seeds");
+
+/// The seed files each target should have, by file name: for `request`, the body of every request
+/// vector; for `frames`, the HELLO frame followed by each request vector's frame (a connection must
+/// greet first), and one seed that is the whole conversation of the lock vectors in order.
+fn expected_seeds() -> Vec<(&'static str, String, Vec<u8>)> {
+    let requests: Vec<(String, Vec<u8>)> = vectors()
+        .into_iter()
+        .filter(|(name, _)| name.ends_with("-request"))
+        .collect();
+    let hello = frame("hello-request");
+    let mut seeds = Vec::new();
+    for (name, frame) in &requests {
+        seeds.push(("request", name.clone(), body_of(name, frame)));
+        let mut stream = hello.clone();
+        if name != "hello-request" {
+            stream.extend_from_slice(frame);
+        }
+        seeds.push(("frames", name.clone(), stream));
+    }
+    let mut conversation = hello.clone();
+    for (name, frame) in &requests {
+        if name != "hello-request" {
+            conversation.extend_from_slice(frame);
+        }
+    }
+    seeds.push(("frames", "every-request".to_string(), conversation));
+    seeds
+}
+
+/// The seeds on disk must be exactly the ones the spec's vectors make. After changing a vector, run
+/// this test with SCALED_WRITE_FUZZ_SEEDS=1 to rewrite them.
+#[test]
+fn the_fuzz_seeds_are_the_spec_request_vectors() {
+    let expected = expected_seeds();
+    if std::env::var_os("SCALED_WRITE_FUZZ_SEEDS").is_some() {
+        for target in ["request", "frames"] {
+            let dir = std::path::Path::new(SEEDS).join(target);
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("create the seed directory");
+        }
+        for (target, name, bytes) in &expected {
+            let path = std::path::Path::new(SEEDS).join(target).join(name);
+            std::fs::write(&path, bytes).expect("write a seed");
+        }
+    }
+    for target in ["request", "frames"] {
+        let dir = std::path::Path::new(SEEDS).join(target);
+        let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|entry| {
+                entry
+                    .expect("a directory entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        on_disk.sort();
+        let mut wanted: Vec<String> = expected
+            .iter()
+            .filter(|(t, _, _)| *t == target)
+            .map(|(_, name, _)| name.clone())
+            .collect();
+        wanted.sort();
+        assert_eq!(
+            on_disk, wanted,
+            "{}: the seeds differ from the spec's request vectors; rerun with SCALED_WRITE_FUZZ_SEEDS=1",
+            dir.display()
+        );
+    }
+    for (target, name, bytes) in &expected {
+        let path = std::path::Path::new(SEEDS).join(target).join(name);
+        let on_disk = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(
+            &on_disk,
+            bytes,
+            "{} differs from proto-spec.md; rerun with SCALED_WRITE_FUZZ_SEEDS=1",
+            path.display()
+        );
+    }
+}

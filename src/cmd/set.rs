@@ -12,6 +12,11 @@ use super::{checked_fence, required_key, CommandError, CommandResult, Reply};
 use crate::daemon::Daemon;
 use crate::store::Step;
 
+/// The longest `ttl_ms` kept as a TTL, 2⁶² ms (about 146 million years); a longer one is taken as 0,
+/// no expiry. Redis refuses an expiry past 2⁶³ ms after its clock's epoch, so passing a larger TTL on
+/// would fail the write for no reason a client could see, and no entry can tell the difference.
+pub const MAX_TTL_MS: u64 = 1 << 62;
+
 pub fn run(
     daemon: &Arc<Daemon>,
     mut args: Args,
@@ -34,6 +39,7 @@ pub fn run(
     let ttl = match args.ttl_ms {
         None => daemon.config.default_cache_ttl(),
         Some(0) => None,
+        Some(ms) if ms > MAX_TTL_MS => None,
         Some(ms) => Some(Duration::from_millis(ms)),
     };
     let fence = checked_fence(&mut args)?;
