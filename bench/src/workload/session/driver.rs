@@ -177,8 +177,10 @@ pub async fn drive(
     let result = driver.run(due).await;
     let mut report = driver.report;
     if let Err(e) = result {
-        // Whatever was in flight is lost with the connection.
-        report.errors += driver.outstanding.max(1);
+        // The requests in flight are lost with the connection (the messages not yet begun are
+        // simply never sent: they are not counted as started).
+        let in_flight = driver.users.iter().filter(|u| u.in_flight != 0).count() as u64;
+        report.errors += in_flight.max(1);
         report.problem(e);
     }
     report
