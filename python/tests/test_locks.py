@@ -178,3 +178,13 @@ def test_a_failing_block_releases_the_lock_and_keeps_its_own_error(client: scale
         with client.lock("session:err"):
             raise KeyError("the app's own error")
     assert client.locks() == []
+
+
+def test_locks_lists_every_lock_past_one_page(client: scaled.Client) -> None:
+    """More locks than one LOCKS page holds (1000): the client pages through them all, in key order."""
+    held = [client.lock(f"page:{i:05d}", blocking=False) for i in range(1005)]
+    listed = [row.key for row in client.locks()]
+    assert listed == [f"page:{i:05d}" for i in range(1005)]
+    for lock in held:
+        lock.release()
+    assert client.locks() == []

@@ -281,8 +281,15 @@ class Client:
         return await self._run(protocol.extend(key, token, ttl))
 
     async def locks(self) -> list[LockInfo]:
-        """The locks held now, sorted by key."""
-        return await self._run(protocol.locks())
+        """The locks held now, sorted by key: every page of them, asked for in turn (see
+        :meth:`scaled.Client.locks`)."""
+        out: list[LockInfo] = []
+        after: Optional[str] = None
+        while True:
+            rows, after = await self._run(protocol.locks_page(after))
+            out.extend(rows)
+            if after is None:
+                return out
 
     async def execute(self, cmd: str, args: Optional[dict[str, Any]] = None) -> Response:
         """Sends any command and returns the whole answer without raising for an ``err``."""

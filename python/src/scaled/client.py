@@ -362,8 +362,16 @@ class Client:
         return self._run(protocol.extend(key, token, ttl))
 
     def locks(self) -> list[LockInfo]:
-        """The locks held now, sorted by key: holder, fencing token, age, lease left, waiters."""
-        return self._run(protocol.locks())
+        """The locks held now, sorted by key: holder, fencing token, age, lease left, waiters. Every
+        page of them, asked for in turn: a lock held throughout is listed once; one taken or released
+        meanwhile may or may not be."""
+        out: list[LockInfo] = []
+        after: Optional[str] = None
+        while True:
+            rows, after = self._run(protocol.locks_page(after))
+            out.extend(rows)
+            if after is None:
+                return out
 
     def execute(self, cmd: str, args: Optional[dict[str, Any]] = None) -> Response:
         """Sends any command and returns the whole answer (``ok``, ``error``, ``degraded``) without raising

@@ -523,8 +523,29 @@ def extend(key: str, token: str, ttl: Optional[Seconds] = None) -> Call[tuple[st
 
 
 def locks() -> Call[list[LockInfo]]:
-    """LOCKS: the held locks, sorted by key."""
+    """LOCKS without paging: the first 1000 held locks by key (the clients page with
+    :func:`locks_page` to see them all)."""
     return Call("LOCKS", {}, _parse_locks)
+
+
+#: The most rows one LOCKS page holds; the daemon takes a larger ``limit`` as this.
+MAX_LOCKS_PAGE = 1000
+
+
+def locks_page(after: Optional[str] = None) -> Call[tuple[list[LockInfo], Optional[str]]]:
+    """LOCKS, one page: the held locks after ``after`` by key, and the ``after`` of the next page
+    (``None`` when this page reached the last lock). A daemon older than paging answers the whole list
+    as an array, which reads as a last page."""
+    args = {"limit": MAX_LOCKS_PAGE, "after": after}
+    return Call("LOCKS", args, _parse_locks_page)
+
+
+def _parse_locks_page(ok: Any) -> tuple[list[LockInfo], Optional[str]]:
+    rows = _parse_locks(ok)
+    after = ok.get("next") if isinstance(ok, dict) else None
+    if after is not None and not isinstance(after, str):
+        raise ProtocolError(f"LOCKS answered a next of {after!r:.200}")
+    return rows, after
 
 
 # ---------------------------------------------------------------------------------------------------
