@@ -14,14 +14,10 @@ use scaled_client::frame::take_frame;
 use scaled_client::proto::{ErrorCode, Response, MAX_FRAME_LEN};
 use tokio::runtime::Runtime;
 
-/// One runtime for the whole process: building one per input would cost more than the input. Its
-/// clock is paused and jumps ahead whenever every task waits on a timer, so a PING delay, a LOCK's
-/// wait or a frame timeout in an input is reached at once instead of in real time: each input still
-/// runs the same code, in the same order, only without the sleeping.
+/// One runtime for the whole process: building one per input would cost more than the input.
 pub static RUNTIME: LazyLock<Runtime> = LazyLock::new(|| {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .start_paused(true)
         .build()
         .expect("a tokio runtime")
 });
