@@ -662,7 +662,8 @@ fn respond(daemon: &Daemon, bufs: &mut Buffers, ctx: &RequestContext, answer: im
         elapsed_us,
         now,
     );
-    crate::reqlog::finished(ctx, &result, elapsed_us);
+    let error = result.as_ref().err().map(|e| (e.code, e.message.as_str()));
+    crate::reqlog::finished(ctx, error, elapsed_us);
     write_answer(&mut bufs.out, ctx, elapsed_us, &result, degraded);
 }
 

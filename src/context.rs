@@ -11,6 +11,17 @@ use uuid::Uuid;
 
 use scaled_client::proto::CommandName;
 
+/// The target of the per-request log lines ([`crate::reqlog`]), so a filter can pick them out
+/// (`--log scaled::request=debug`).
+pub const LOG_TARGET: &str = "scaled::request";
+
+/// Whether per-request lines are being written: only then does a context keep the request's
+/// session and user ids.
+#[inline]
+pub fn logged() -> bool {
+    tracing::enabled!(target: LOG_TARGET, tracing::Level::DEBUG)
+}
+
 /// One request's identity and clock.
 pub struct RequestContext {
     /// The daemon-issued UUID, echoed in the response and named in every log line of the request.
@@ -50,7 +61,7 @@ impl RequestContext {
             session_id,
             user_id,
         );
-        let logged = crate::reqlog::enabled();
+        let logged = logged();
         RequestContext {
             request_id,
             id,

@@ -10,7 +10,7 @@ use crate::access::Access;
 use crate::budget::{Budget, Reservoir};
 use crate::cache::{CacheLimits, SessionCache};
 use crate::config::Config;
-use crate::locks::LockTable;
+use crate::locks::{wall_clock_micros, LockTable};
 use crate::meter::RequestMeter;
 use crate::redis::LinkError;
 use crate::store::remote::Remote;
@@ -92,13 +92,6 @@ impl Daemon {
             access: Access::default(),
         })
     }
-}
-
-/// Microseconds since the Unix epoch; where fencing tokens start, so they keep growing across restarts.
-pub(crate) fn wall_clock_micros() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// Connection counts.

@@ -16,11 +16,8 @@ use std::time::{Duration, Instant};
 
 use scaled_client::proto::{CommandName, ErrorCode};
 
-use crate::cmd::CommandResult;
 use crate::context::RequestContext;
-
-/// The target of the per-request lines, so a filter can pick them out (`--log scaled::request=debug`).
-pub const TARGET: &str = "scaled::request";
+pub use crate::context::LOG_TARGET as TARGET;
 
 /// Fewest seconds between two overload warnings: a flood of refusals must not become a flood of logs.
 const OVERLOAD_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -28,15 +25,16 @@ const OVERLOAD_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Whether per-request lines are being written.
 #[inline]
 pub fn enabled() -> bool {
-    tracing::enabled!(target: TARGET, tracing::Level::DEBUG)
+    crate::context::logged()
 }
 
 /// Logs one finished request: at debug level always, and at error level when it failed unexpectedly.
+/// `error` is the answer's error code and message, `None` when it succeeded.
 #[inline]
-pub fn finished(ctx: &RequestContext, result: &CommandResult, elapsed_us: u64) {
-    let (outcome, message) = match result {
-        Ok(_) => ("OK", None),
-        Err(e) => (e.code.as_str(), Some(e.message.as_str())),
+pub fn finished(ctx: &RequestContext, error: Option<(ErrorCode, &str)>, elapsed_us: u64) {
+    let (outcome, message) = match error {
+        None => ("OK", None),
+        Some((code, message)) => (code.as_str(), Some(message)),
     };
     let cmd = ctx.cmd.map_or("?", CommandName::as_str);
     tracing::debug!(
@@ -51,15 +49,15 @@ pub fn finished(ctx: &RequestContext, result: &CommandResult, elapsed_us: u64) {
         elapsed_us,
         "request finished"
     );
-    if let Err(e) = result {
-        match e.code {
+    if let Some((code, message)) = error {
+        match code {
             ErrorCode::Internal => tracing::error!(
                 target: TARGET,
                 request_id = %ctx.request_id,
                 cmd,
                 session_id = ctx.session_id.as_deref(),
                 user_id = ctx.user_id.as_deref(),
-                error = %e.message,
+                error = %message,
                 "request failed unexpectedly"
             ),
             ErrorCode::Overloaded => {

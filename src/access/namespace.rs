@@ -11,9 +11,7 @@
 //! held inside the daemon (and in Redis) is never longer than 1024 bytes, and every bound that
 //! follows from the key limit (lock record size, LOCKS page size, memory) holds unchanged.
 
-use scaled_client::proto::{Args, ErrorCode, MAX_KEY_LEN};
-
-use crate::cmd::CommandError;
+use scaled_client::proto::{Args, MAX_KEY_LEN};
 
 /// Longest namespace name: short enough to leave 959 bytes of every key to the app.
 pub const MAX_NAME_LEN: usize = 64;
@@ -55,8 +53,8 @@ impl Namespace {
 
     /// Puts the request's keys (`key`, `fence.lock`) into the namespace. An empty key is left empty,
     /// for the command to refuse as it would anyone's; one over [`Namespace::max_key`] is refused
-    /// here, `TOO_LARGE`, with the peer's own limit in the message.
-    pub fn enter(&self, args: &mut Args) -> Result<(), CommandError> {
+    /// here (the caller answers `TOO_LARGE`, with the peer's own limit in the message).
+    pub fn enter(&self, args: &mut Args) -> Result<(), KeyTooLong> {
         if let Some(key) = args.key.as_mut() {
             self.prefix_key("key", key)?;
         }
@@ -66,19 +64,17 @@ impl Namespace {
         Ok(())
     }
 
-    fn prefix_key(&self, what: &str, key: &mut String) -> Result<(), CommandError> {
+    fn prefix_key(&self, what: &'static str, key: &mut String) -> Result<(), KeyTooLong> {
         if key.is_empty() {
             return Ok(());
         }
         let max = self.max_key();
         if key.len() > max {
-            return Err(CommandError::new(
-                ErrorCode::TooLarge,
-                format!(
-                    "{what} of {} bytes is over the {max} byte limit of this namespace",
-                    key.len()
-                ),
-            ));
+            return Err(KeyTooLong {
+                what,
+                len: key.len(),
+                max,
+            });
         }
         key.insert_str(0, &self.prefix);
         Ok(())
@@ -91,11 +87,33 @@ impl Namespace {
 
     /// Takes the prefix out of an error message, which quotes keys in backticks (`` lock `web/x` is
     /// held ``), so that the client sees its own key names only.
-    pub fn leave(&self, error: &mut CommandError) {
+    pub fn leave(&self, message: &mut String) {
         let quoted = format!("`{}", self.prefix);
-        if error.message.contains(&quoted) {
-            error.message = error.message.replace(&quoted, "`");
+        if message.contains(&quoted) {
+            *message = message.replace(&quoted, "`");
         }
+    }
+}
+
+/// A key that does not fit its namespace: `key` or `fence.lock`, its length, and the namespace's
+/// limit ([`Namespace::max_key`]). Answered `TOO_LARGE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyTooLong {
+    /// Which argument: `key` or `fence.lock`.
+    pub what: &'static str,
+    /// Its length in bytes.
+    pub len: usize,
+    /// The longest this namespace allows.
+    pub max: usize,
+}
+
+impl std::fmt::Display for KeyTooLong {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} of {} bytes is over the {} byte limit of this namespace",
+            self.what, self.len, self.max
+        )
     }
 }
 
@@ -133,9 +151,9 @@ mod tests {
             args.fence.as_ref().map(|f| f.lock.as_str()),
             Some("web/session:1")
         );
-        let mut e = CommandError::new(ErrorCode::Locked, "lock `web/session:1` is held");
-        ns.leave(&mut e);
-        assert_eq!(e.message, "lock `session:1` is held");
+        let mut message = "lock `web/session:1` is held".to_string();
+        ns.leave(&mut message);
+        assert_eq!(message, "lock `session:1` is held");
         assert_eq!(ns.strip("web/a"), Some("a"));
         assert_eq!(ns.strip("billing/a"), None);
         assert_eq!(ns.strip("weba"), None);
@@ -157,7 +175,7 @@ mod tests {
             ..Args::default()
         };
         let e = ns.enter(&mut over).expect_err("over");
-        assert_eq!(e.code, ErrorCode::TooLarge);
+        assert_eq!(e.len, ns.max_key() + 1);
         let mut empty = Args {
             key: Some(String::new()),
             ..Args::default()

@@ -332,7 +332,7 @@ pub fn dispatch(daemon: &Arc<Daemon>, peer: &mut Peer, request: Request, now: In
         use CommandName::*;
         if matches!(request.cmd, Get | Set | Del | Lock | Unlock | Extend) {
             if let Err(e) = ns.enter(&mut args) {
-                return Outcome::failed(e);
+                return Outcome::failed(CommandError::new(ErrorCode::TooLarge, e.to_string()));
             }
         }
     }
@@ -371,7 +371,7 @@ pub fn dispatch(daemon: &Arc<Daemon>, peer: &mut Peer, request: Request, now: In
 fn unprefixed(ns: Arc<Namespace>, outcome: Outcome) -> Outcome {
     fn leave(ns: &Namespace, mut answer: Answer) -> Answer {
         if let Err(e) = &mut answer.result {
-            ns.leave(e);
+            ns.leave(&mut e.message);
         }
         answer
     }

@@ -97,6 +97,13 @@ impl Default for LockLimits {
 /// Told the key and owner token of each lock a closing connection released.
 pub type ReleaseSink = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
+/// Microseconds since the Unix epoch; where fencing tokens start, so they keep growing across restarts.
+pub(crate) fn wall_clock_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 /// A request to take a lock.
 pub struct LockRequest {
     /// The connection asking; its locks are released when it closes.

@@ -23,8 +23,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::LockFallback;
-use crate::daemon::wall_clock_micros;
-use crate::locks::{Acquire, Grant, Limit, LockRequest, LockTable, Status};
+use crate::locks::{wall_clock_micros, Acquire, Grant, Limit, LockRequest, LockTable, Status};
 use crate::redis::scripts::{Acquire as RedisAcquire, Compare};
 use crate::redis::LinkError;
 use crate::store::degraded::{LocalGrant, Marked};
