@@ -8,21 +8,9 @@
 
 mod common;
 
+use common::bench_run::{bench, count};
 use common::TestDaemon;
 use serde_json::Value;
-
-/// Runs `scaled-bench ARGS --json` and returns its exit status and its JSON report.
-fn bench(args: &[&str]) -> (u8, Value) {
-    let mut out = Vec::new();
-    let argv = std::iter::once("scaled-bench")
-        .chain(args.iter().copied())
-        .chain(["--json"]);
-    let status = scaled_bench::run(argv, &mut out);
-    let text = String::from_utf8(out).expect("the report is UTF-8");
-    let json = serde_json::from_str(text.trim())
-        .unwrap_or_else(|e| panic!("scaled-bench {args:?} printed no JSON ({e}): {text:?}"));
-    (status, json)
-}
 
 fn socket(daemon: &TestDaemon) -> String {
     daemon
@@ -36,12 +24,6 @@ fn socket(daemon: &TestDaemon) -> String {
 fn free_port() -> u16 {
     let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a probe");
     probe.local_addr().expect("probe address").port()
-}
-
-fn count(report: &Value, name: &str) -> u64 {
-    report[name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("report without {name}: {report}"))
 }
 
 #[test]

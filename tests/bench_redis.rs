@@ -6,29 +6,10 @@
 
 mod common;
 
+use common::bench_run::{bench, count};
 use common::daemon_group::DaemonGroup;
 use common::redis_server::RedisServer;
 use serde_json::Value;
-
-/// Runs `scaled-bench ARGS --json` in-process (as its binary does) and returns its exit status and
-/// its JSON report.
-fn bench(args: &[&str]) -> (u8, Value) {
-    let mut out = Vec::new();
-    let argv = std::iter::once("scaled-bench")
-        .chain(args.iter().copied())
-        .chain(["--json"]);
-    let status = scaled_bench::run(argv, &mut out);
-    let text = String::from_utf8(out).expect("the report is UTF-8");
-    let json = serde_json::from_str(text.trim())
-        .unwrap_or_else(|e| panic!("scaled-bench {args:?} printed no JSON ({e}): {text:?}"));
-    (status, json)
-}
-
-fn count(report: &Value, name: &str) -> u64 {
-    report[name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("report without {name}: {report}"))
-}
 
 /// Two daemons on one fresh Redis, each serving and connected to it.
 fn two_daemons(redis: &RedisServer) -> (DaemonGroup, String, String) {

@@ -3,6 +3,7 @@
 //! `redis-server` processes, and [`daemon_group`] several daemons sharing one of them.
 #![allow(dead_code)]
 
+pub mod bench_run;
 pub mod daemon_group;
 pub mod probe;
 pub mod redis_server;
