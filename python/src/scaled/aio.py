@@ -29,6 +29,7 @@ from .errors import (
     ScaledError,
     ServerError,
 )
+from .held import HeldLock
 from .protocol import Call, Endpoint, FenceLike, Grant, LockInfo, Response, Seconds, ValueLike
 
 T = TypeVar("T")
@@ -483,42 +484,8 @@ class LockRequest:
             await self._lock.__aexit__(exc_type, exc, tb)
 
 
-class AsyncLock:
+class AsyncLock(HeldLock["Client", "_Connection"]):
     """A held session lock on the asyncio client; ``async with`` releases it. See :class:`scaled.Lock`."""
-
-    def __init__(self, client: Client, key: str, grant: Grant, conn: _Connection, degraded: bool) -> None:
-        #: The client whose connection took the lock; UNLOCK and EXTEND go through it.
-        self._client = client
-        #: The lock's key.
-        self._key = key
-        #: What the daemon granted: owner token, fencing token, lease, time waited.
-        self.grant = grant
-        #: The connection that took the lock: the daemon releases the lock when it ends.
-        self._conn = conn
-        #: True when the daemon granted it from a fallback.
-        self.degraded = degraded
-        #: Set by the first release, so a second one does nothing.
-        self._released = False
-
-    @property
-    def key(self) -> str:
-        """The lock's key."""
-        return self._key
-
-    @property
-    def fence(self) -> int:
-        """The fencing token: greater than that of every earlier grant of this key."""
-        return self.grant.fence
-
-    @property
-    def token(self) -> str:
-        """The owner token UNLOCK and EXTEND need."""
-        return self.grant.token
-
-    @property
-    def held(self) -> bool:
-        """False once released, or once the connection that took it has ended."""
-        return not self._released and not self._conn.closed
 
     async def extend(self, ttl: Optional[Seconds] = None) -> int:
         """Renews the lease; returns it in ms. Raises :class:`~scaled.errors.LockLost` if no longer held."""

@@ -32,7 +32,8 @@ from .errors import (
     ScaledError,
     ServerError,
 )
-from .protocol import Call, Endpoint, FenceLike, Grant, LockInfo, Response, Seconds, ValueLike
+from .held import HeldLock
+from .protocol import Call, Endpoint, FenceLike, LockInfo, Response, Seconds, ValueLike
 
 T = TypeVar("T")
 
@@ -529,48 +530,12 @@ class Client:
                 conn.sock.close()
 
 
-class Lock:
+class Lock(HeldLock["Client", "_Connection"]):
     """A held session lock, as :meth:`Client.lock` returns it. A context manager that releases it.
 
     ``fence`` is the fencing token of this grant: pass the lock as ``fence=`` to ``set``/``delete`` (or
     store ``fence`` with data kept elsewhere) so that a write made after the lock was lost is refused.
     """
-
-    def __init__(self, client: Client, key: str, grant: Grant, conn: _Connection, degraded: bool) -> None:
-        #: The client whose connection took the lock.
-        #: The client whose connection took the lock; UNLOCK and EXTEND go through it.
-        self._client = client
-        #: The lock's key.
-        self._key = key
-        #: What the daemon granted: owner token, fencing token, lease, time waited.
-        self.grant = grant
-        #: The connection that took the lock: the daemon releases the lock when it ends.
-        self._conn = conn
-        #: True when the daemon granted it from a fallback (``degraded`` on LOCK's answer).
-        self.degraded = degraded
-        #: Set by the first release, so a second one does nothing.
-        self._released = False
-
-    @property
-    def key(self) -> str:
-        """The lock's key."""
-        return self._key
-
-    @property
-    def fence(self) -> int:
-        """The fencing token: greater than that of every earlier grant of this key."""
-        return self.grant.fence
-
-    @property
-    def token(self) -> str:
-        """The owner token UNLOCK and EXTEND need."""
-        return self.grant.token
-
-    @property
-    def held(self) -> bool:
-        """False once released, or once the connection that took it has ended (which released it). A
-        lease that ran out is only found out by :meth:`extend`, :meth:`release` or a fenced write."""
-        return not self._released and not self._conn.closed
 
     def extend(self, ttl: Optional[Seconds] = None) -> int:
         """Renews the lease to ``ttl`` seconds from now (``None``: the length it has); returns it in ms.
