@@ -53,12 +53,20 @@ async fn acquire_excludes_other_owners_and_fences_grow_across_links_and_keys() {
     let (a, b) = (link(&redis).await, link(&redis).await);
     let before = now_micros();
 
-    let (f1, _) = granted(a.acquire("session:1", "token-a", LEASE).await.unwrap());
+    let (f1, _) = granted(
+        a.acquire("session:1", "token-a", LEASE, true)
+            .await
+            .unwrap(),
+    );
     assert!(
         f1 >= before,
         "fences live on the clock's scale: {f1} < {before}"
     );
-    match b.acquire("session:1", "token-b", LEASE).await.unwrap() {
+    match b
+        .acquire("session:1", "token-b", LEASE, true)
+        .await
+        .unwrap()
+    {
         Acquire::Held { lease_left, .. } => {
             let left = lease_left.expect("the holder has a lease");
             assert!(left <= LEASE && left > LEASE / 2, "lease left {left:?}");
@@ -69,10 +77,18 @@ async fn acquire_excludes_other_owners_and_fences_grow_across_links_and_keys() {
         a.release("session:1", "token-a").await.unwrap(),
         Compare::Done
     );
-    let (f2, _) = granted(b.acquire("session:1", "token-b", LEASE).await.unwrap());
+    let (f2, _) = granted(
+        b.acquire("session:1", "token-b", LEASE, true)
+            .await
+            .unwrap(),
+    );
     assert!(f2 > f1, "{f2} <= {f1}");
     // One counter for every key, as a standalone daemon has.
-    let (f3, _) = granted(a.acquire("session:2", "token-c", LEASE).await.unwrap());
+    let (f3, _) = granted(
+        a.acquire("session:2", "token-c", LEASE, true)
+            .await
+            .unwrap(),
+    );
     assert!(f3 > f2, "{f3} <= {f2}");
     assert_eq!(
         redis.get_bytes("scaled:l:session:1").as_deref(),
@@ -85,7 +101,7 @@ async fn only_the_owner_releases_or_extends() {
     let redis = RedisServer::start();
     let a = link(&redis).await;
     granted(
-        a.acquire("l", "owner", Duration::from_secs(5))
+        a.acquire("l", "owner", Duration::from_secs(5), true)
             .await
             .unwrap(),
     );
@@ -131,20 +147,20 @@ async fn only_the_owner_releases_or_extends() {
 async fn fences_stay_above_the_callers_floor_and_across_restarts_of_caller_and_redis() {
     let mut redis = RedisServer::start();
     let a = link(&redis).await;
-    let (f1, _) = granted(a.acquire("l", "t1", LEASE).await.unwrap());
+    let (f1, _) = granted(a.acquire("l", "t1", LEASE, true).await.unwrap());
     assert_eq!(a.fence_floor(), f1, "a granted fence is noted");
     a.close();
 
     // A restarted caller knows nothing, and still gets a greater fence.
     let b = link(&redis).await;
     assert_eq!(b.fence_floor(), 0);
-    let (f2, _) = granted(b.acquire("other", "t2", LEASE).await.unwrap());
+    let (f2, _) = granted(b.acquire("other", "t2", LEASE, true).await.unwrap());
     assert!(f2 > f1);
 
     // A caller whose floor is far ahead (fences it issued while Redis was away) gets above it.
     let floor = f2 + 1_000_000_000;
     b.note_fence(floor);
-    let (f3, _) = granted(b.acquire("third", "t3", LEASE).await.unwrap());
+    let (f3, _) = granted(b.acquire("third", "t3", LEASE, true).await.unwrap());
     assert_eq!(f3, floor + 1);
 
     // Redis loses everything: its clock still keeps the next fence above all earlier ones, and the
@@ -162,7 +178,7 @@ async fn fences_stay_above_the_callers_floor_and_across_restarts_of_caller_and_r
         "floor not raised: {newest}"
     );
     let c = link(&redis).await;
-    let (f4, _) = granted(c.acquire("l", "t4", LEASE).await.unwrap());
+    let (f4, _) = granted(c.acquire("l", "t4", LEASE, true).await.unwrap());
     assert!(f4 > f3, "{f4} <= {f3}");
 }
 
@@ -170,7 +186,7 @@ async fn fences_stay_above_the_callers_floor_and_across_restarts_of_caller_and_r
 async fn a_fenced_write_with_an_old_token_is_refused_and_changes_nothing() {
     let redis = RedisServer::start();
     let (a, b) = (link(&redis).await, link(&redis).await);
-    let (fa, _) = granted(a.acquire("session:42", "ta", LEASE).await.unwrap());
+    let (fa, _) = granted(a.acquire("session:42", "ta", LEASE, true).await.unwrap());
     let fenced_by = |token| {
         Some(FenceCheck {
             lock: "session:42",
@@ -181,7 +197,7 @@ async fn a_fenced_write_with_an_old_token_is_refused_and_changes_nothing() {
     assert!(matches!(w1, Write::Done { .. }), "{w1:?}");
     a.release("session:42", "ta").await.unwrap();
 
-    let (fb, _) = granted(b.acquire("session:42", "tb", LEASE).await.unwrap());
+    let (fb, _) = granted(b.acquire("session:42", "tb", LEASE, true).await.unwrap());
     let seq_before = b.write_seq().await.unwrap();
     assert_eq!(
         a.set("cart", b"late from a", None, fenced_by(fa))
@@ -307,7 +323,7 @@ async fn a_value_whose_checksum_fails_is_never_returned() {
 async fn adopting_a_lock_granted_while_redis_was_away() {
     let redis = RedisServer::start();
     let a = link(&redis).await;
-    let (f1, _) = granted(a.acquire("l", "first", LEASE).await.unwrap());
+    let (f1, _) = granted(a.acquire("l", "first", LEASE, true).await.unwrap());
     a.release("l", "first").await.unwrap();
 
     // A degraded grant with a fence above f1: adopted, and its fenced writes then pass.
@@ -332,7 +348,7 @@ async fn adopting_a_lock_granted_while_redis_was_away() {
     ));
     // Redis's next fence is above the adopted one.
     a.release("l", "local").await.unwrap();
-    let (f2, _) = granted(a.acquire("l", "next", LEASE).await.unwrap());
+    let (f2, _) = granted(a.acquire("l", "next", LEASE, true).await.unwrap());
     assert!(f2 > degraded);
     // Held by another: lost. Granted a newer fence since: lost.
     assert_eq!(
@@ -388,7 +404,7 @@ async fn a_link_to_no_redis_is_down_and_fails_at_once() {
     assert_eq!(a.health(), Health::Down);
     // Down, so never sent: an acquire that needs no release.
     assert!(matches!(
-        a.acquire("l", "t", LEASE).await,
+        a.acquire("l", "t", LEASE, true).await,
         Err(LinkError::NotConnected)
     ));
     let too_few = RedisSettings {
@@ -465,17 +481,29 @@ async fn a_release_on_one_link_wakes_a_watcher_on_another() {
         .await
         .expect("never subscribed");
 
-    granted(a.acquire("session:9", "holder", LEASE).await.unwrap());
+    // Nobody waits: the release is not published.
+    granted(a.acquire("session:9", "holder", LEASE, true).await.unwrap());
     assert!(matches!(
-        b.acquire("session:9", "waiter", LEASE).await.unwrap(),
+        b.acquire("session:9", "asker", LEASE, false).await.unwrap(),
         Acquire::Held { .. }
     ));
+    a.release("session:9", "holder").await.unwrap();
+    assert_eq!(redis.get_bytes("scaled:w:session:9"), None);
+
+    // A refused acquire that will wait marks the lock, and its release is published.
+    granted(a.acquire("session:9", "holder", LEASE, true).await.unwrap());
+    assert!(matches!(
+        b.acquire("session:9", "waiter", LEASE, true).await.unwrap(),
+        Acquire::Held { .. }
+    ));
+    assert!(redis.get_bytes("scaled:w:session:9").is_some());
     a.release("session:9", "holder").await.unwrap();
     tokio::time::timeout(LIMIT, watch.released())
         .await
         .expect("the release never woke the watcher");
-    granted(b.acquire("session:9", "waiter", LEASE).await.unwrap());
-    assert!(wakeups.received() >= 1);
+    assert_eq!(redis.get_bytes("scaled:w:session:9"), None);
+    granted(b.acquire("session:9", "waiter", LEASE, true).await.unwrap());
+    assert_eq!(wakeups.received(), 1, "the unwaited release was published");
 }
 
 #[tokio::test]

@@ -1,4 +1,4 @@
-//! The link to Redis: one multiplexed connection shared by every request, its health, and the names
+//! The link to Redis: one pipelined connection shared by every request, its health, and the names
 //! of everything the daemon keeps in Redis. This module knows nothing of the cache or the lock table;
 //! the store composes them with it.
 //!
@@ -11,19 +11,23 @@
 //!   of health is logged once.
 //! - [`scripts`]: the Lua scripts (acquire, release, extend, adopt, raise the fence floor, fenced
 //!   write, read) and the typed calls to them, as methods on [`Link`].
+//! - [`pipe`] and [`resp`]: the command connection itself. Every caller's command goes into one
+//!   output buffer, written in one go while the previous write is under way, and replies are parsed
+//!   as they arrive and handed to their callers in order: no task, timer or reply tree per call.
 //! - [`coherence`]: the invalidation stream (a dedicated pub/sub connection), with "flush" first
 //!   whenever it is lost.
 //! - [`wakeups`]: release messages (another dedicated pub/sub connection) waking local lock waiters.
 //!
-//! The command connection speaks RESP3 (Redis 6 or later), whose push channel reports at once that
-//! the connection closed, so a Redis that dies is noticed before the next call fails on it.
+//! The command connection's reader sees the socket close the moment Redis dies, so a dead Redis is
+//! noticed before the next call fails on it.
 //!
-//! One multiplexed connection, not a pool: Redis runs commands one at a time, and a multiplexed
-//! connection already pipelines every caller's commands on one socket, which is what Redis serves
-//! fastest. The daemon therefore uses three connections (commands, invalidations, wake-ups), within
+//! One pipelined connection, not a pool: Redis runs commands one at a time, and one connection
+//! carrying every caller's commands in large writes is what Redis serves fastest. The daemon therefore uses three connections (commands, invalidations, wake-ups), within
 //! `REDIS_MAX_CONNECTIONS`, which must allow them.
 
 pub mod coherence;
+pub mod pipe;
+pub mod resp;
 pub mod scripts;
 pub mod wakeups;
 
@@ -32,15 +36,13 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use redis::aio::MultiplexedConnection;
-use redis::{
-    AsyncConnectionConfig, ErrorKind, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind,
-    RedisError, ServerErrorKind,
-};
+use redis::{ConnectionAddr, IntoConnectionInfo, RedisError};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use pipe::{Address, Pipe, PipeError};
+use resp::{Command, Reply};
 
 /// How often the connector PINGs a Redis it believes up, so an idle daemon notices one that died.
 pub const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -156,44 +158,66 @@ impl Keys {
         }
     }
 
+    /// REDIS_PREFIX, for commands that write key names in parts.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     fn name(&self, kind: &str, rest: &str) -> String {
         format!("{}{kind}{rest}", self.prefix)
     }
 
     /// A cached value: `<prefix>v:<key>`.
     pub fn value(&self, key: &str) -> String {
-        self.name("v:", key)
+        self.name(Keys::VALUE, key)
     }
 
     /// A lock's holder (its owner token): `<prefix>l:<lock>`.
     pub fn lock(&self, lock: &str) -> String {
-        self.name("l:", lock)
+        self.name(Keys::LOCK, lock)
     }
 
     /// A lock's newest fencing token: `<prefix>f:<lock>`.
     pub fn fence(&self, lock: &str) -> String {
-        self.name("f:", lock)
+        self.name(Keys::FENCE, lock)
+    }
+
+    /// Set while some daemon waits for a lock, so its release is published: `<prefix>w:<lock>`.
+    pub fn waiters(&self, lock: &str) -> String {
+        self.name(Keys::WAITERS, lock)
     }
 
     /// The newest fencing token of any lock: `<prefix>fence`.
     pub fn newest_fence(&self) -> String {
-        self.name("fence", "")
+        self.name(Keys::NEWEST_FENCE, "")
     }
 
     /// The global write sequence: `<prefix>seq`.
     pub fn seq(&self) -> String {
-        self.name("seq", "")
+        self.name(Keys::SEQ, "")
     }
 
     /// The invalidation channel: `<prefix>inval`.
     pub fn invalidations(&self) -> String {
-        self.name("inval", "")
+        self.name(Keys::INVALIDATIONS, "")
     }
 
     /// The release channel: `<prefix>release`.
     pub fn releases(&self) -> String {
-        self.name("release", "")
+        self.name(Keys::RELEASES, "")
     }
+}
+
+/// What follows the prefix in each name: the kind, then (for per-key names) the key.
+impl Keys {
+    pub(crate) const VALUE: &'static str = "v:";
+    pub(crate) const LOCK: &'static str = "l:";
+    pub(crate) const FENCE: &'static str = "f:";
+    pub(crate) const WAITERS: &'static str = "w:";
+    pub(crate) const NEWEST_FENCE: &'static str = "fence";
+    pub(crate) const SEQ: &'static str = "seq";
+    pub(crate) const INVALIDATIONS: &'static str = "inval";
+    pub(crate) const RELEASES: &'static str = "release";
 }
 
 /// Counts for STATS.
@@ -225,9 +249,8 @@ pub struct Link {
 }
 
 struct Shared {
-    /// Opens the command connection: the URL, speaking RESP3, whose push channel tells the link at
-    /// once when the connection closes (a killed Redis is noticed before the next call fails).
-    client: redis::Client,
+    /// Where the command connection goes, and how it logs in there: from the URL.
+    target: Target,
     /// Opens the subscribers' pub/sub connections: the URL as given (RESP2 pub/sub).
     pubsub_client: redis::Client,
     /// The settings it was made with.
@@ -237,7 +260,7 @@ struct Shared {
     /// The command connection while up, with its number (so that the closing of an old connection
     /// cannot take down a newer one). Cloning it is cheap (a handle on one socket), so callers take a
     /// clone and never hold the lock across an await.
-    current: Mutex<Option<(u64, MultiplexedConnection)>>,
+    current: Mutex<Option<(u64, Pipe)>>,
     /// Up or down; subscribers are the store (degraded flag) and tests.
     health: watch::Sender<Health>,
     /// Wakes the connector when a call finds Redis unreachable.
@@ -271,15 +294,11 @@ impl Link {
             .as_str()
             .into_connection_info()
             .map_err(bad_url)?;
-        let resp3 = info
-            .redis_settings()
-            .clone()
-            .set_protocol(ProtocolVersion::RESP3);
-        let client = redis::Client::open(info.set_redis_settings(resp3)).map_err(bad_url)?;
+        let target = Target::from_info(&info)?;
         let (health, _) = watch::channel(Health::Down);
         let link = Link {
             shared: Arc::new(Shared {
-                client,
+                target,
                 pubsub_client,
                 keys: Keys::new(&settings.prefix),
                 settings,
@@ -378,7 +397,7 @@ impl Link {
     }
 
     /// The command connection, or [`LinkError::NotConnected`] at once while down.
-    fn connection(&self) -> Result<(u64, MultiplexedConnection), LinkError> {
+    fn connection(&self) -> Result<(u64, Pipe), LinkError> {
         self.shared
             .current
             .lock()
@@ -386,42 +405,68 @@ impl Link {
             .ok_or(LinkError::NotConnected)
     }
 
-    /// Runs one call on the command connection, counting it, and turns a Redis error into a
-    /// [`LinkError`]; an error that proves Redis unreachable also takes the link down.
-    pub(crate) async fn call<T, F, Fut>(&self, f: F) -> Result<T, LinkError>
-    where
-        F: FnOnce(MultiplexedConnection) -> Fut,
-        Fut: std::future::Future<Output = Result<T, RedisError>>,
-    {
+    /// Sends one command on the command connection, counting it. A connection that fails takes the
+    /// link down ([`LinkError::Unavailable`]); so does nothing, but is unavailable too, a Redis that
+    /// answers it cannot serve now (loading its data after a restart, a replica without its
+    /// primary). Any other error reply is returned as the reply, for the caller to judge.
+    pub(crate) async fn call(&self, cmd: &Command) -> Result<Reply, LinkError> {
         let counters = &self.shared.counters;
-        let (number, conn) = self.connection().inspect_err(|_| {
+        let (number, pipe) = self.connection().inspect_err(|_| {
             counters.unavailable.fetch_add(1, Ordering::Relaxed);
         })?;
         counters.round_trips.fetch_add(1, Ordering::Relaxed);
-        f(conn).await.map_err(|e| self.failed(number, e))
-    }
-
-    /// Classifies a failed call on connection `number`; takes the link down when the failure proves
-    /// Redis unreachable.
-    fn failed(&self, number: u64, e: RedisError) -> LinkError {
-        match classify(&e) {
-            Failure::Unreachable => {
-                self.shared
-                    .counters
-                    .unavailable
-                    .fetch_add(1, Ordering::Relaxed);
-                mark_down(&self.shared, number, &e.to_string());
-                LinkError::Unavailable(e.to_string())
+        match pipe.call(cmd).await {
+            Ok(reply) if is_busy(&reply) => {
+                counters.unavailable.fetch_add(1, Ordering::Relaxed);
+                Err(LinkError::Unavailable(format!("{reply:?}")))
             }
-            Failure::Busy => {
-                self.shared
-                    .counters
-                    .unavailable
-                    .fetch_add(1, Ordering::Relaxed);
-                LinkError::Unavailable(e.to_string())
+            Ok(reply) => Ok(reply),
+            Err(PipeError::Closed(why)) => {
+                counters.unavailable.fetch_add(1, Ordering::Relaxed);
+                mark_down(&self.shared, number, &why);
+                Err(LinkError::Unavailable(why))
             }
-            Failure::Answer => LinkError::Unexpected(e.to_string()),
         }
+    }
+}
+
+/// Whether an error reply says Redis cannot serve now, though the connection is fine.
+fn is_busy(reply: &Reply) -> bool {
+    matches!(
+        reply.error_kind(),
+        Some("LOADING" | "MASTERDOWN" | "TRYAGAIN" | "BUSY")
+    )
+}
+
+/// Where the command connection goes and how it logs in, from REDIS_URL.
+#[derive(Debug, Clone)]
+struct Target {
+    address: Address,
+    /// `AUTH [username] password`, when the URL has a password.
+    auth: Option<(Option<String>, String)>,
+    /// `SELECT db`, when the URL names a database other than 0.
+    db: i64,
+}
+
+impl Target {
+    fn from_info(info: &redis::ConnectionInfo) -> Result<Target, LinkError> {
+        let address = match info.addr() {
+            ConnectionAddr::Tcp(host, port) => Address::Tcp(host.clone(), *port),
+            ConnectionAddr::Unix(path) => Address::Unix(path.clone()),
+            other => {
+                return Err(LinkError::Settings(format!(
+                    "REDIS_URL: {other:?} is not supported (use redis:// or unix://)"
+                )))
+            }
+        };
+        let redis = info.redis_settings();
+        Ok(Target {
+            address,
+            auth: redis
+                .password()
+                .map(|p| (redis.username().map(str::to_string), p.to_string())),
+            db: redis.db(),
+        })
     }
 }
 
@@ -439,30 +484,6 @@ fn mark_down(shared: &Shared, number: u64, why: &str) {
     if dropped {
         set_health(&shared.health, Health::Down, why);
         shared.broken.notify_one();
-    }
-}
-
-/// What a failed call says about Redis.
-#[derive(Debug, PartialEq, Eq)]
-enum Failure {
-    /// The connection is refused, broken or timed out: Redis is unreachable, reconnect.
-    Unreachable,
-    /// Redis answered but cannot serve now (loading its data after a restart): unavailable, but the
-    /// connection is fine.
-    Busy,
-    /// Redis answered with an error a correct script never causes.
-    Answer,
-}
-
-fn classify(e: &RedisError) -> Failure {
-    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
-        return Failure::Unreachable;
-    }
-    match e.kind() {
-        ErrorKind::Server(ServerErrorKind::BusyLoading)
-        | ErrorKind::Server(ServerErrorKind::MasterDown)
-        | ErrorKind::Server(ServerErrorKind::TryAgain) => Failure::Busy,
-        _ => Failure::Answer,
     }
 }
 
@@ -486,24 +507,6 @@ pub fn backoff(attempt: u32) -> Duration {
         .min(BACKOFF_MAX);
     let half = full / 2;
     half + half.mul_f64(fastrand::f64())
-}
-
-/// The config of command connection `number`: the timeouts, and a push sender that takes the link
-/// down the moment the connection closes. It holds the link weakly, so a closed link is not kept alive
-/// by its own connection.
-fn connection_config(shared: &Arc<Shared>, number: u64) -> AsyncConnectionConfig {
-    let weak: Weak<Shared> = Arc::downgrade(shared);
-    AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(shared.settings.connect_timeout))
-        .set_response_timeout(Some(shared.settings.response_timeout))
-        .set_push_sender(move |info: PushInfo| {
-            if info.kind == PushKind::Disconnection {
-                if let Some(shared) = weak.upgrade() {
-                    mark_down(&shared, number, "connection closed");
-                }
-            }
-            Ok::<(), std::convert::Infallible>(())
-        })
 }
 
 /// Keeps the command connection open: connects (loading the scripts and raising the fencing floor
@@ -534,11 +537,7 @@ async fn connector(link: Link) {
                         _ = shared.broken.notified() => {}
                         _ = tokio::time::sleep(HEALTH_CHECK_INTERVAL) => {
                             // A failure here takes the link down through `call`.
-                            let _ = link
-                                .call(|mut c| async move {
-                                    redis::cmd("PING").query_async::<()>(&mut c).await
-                                })
-                                .await;
+                            let _ = link.call(&Command::new("PING")).await;
                         }
                     }
                     if shared.current.lock().is_none() {
@@ -564,19 +563,61 @@ async fn connector(link: Link) {
     }
 }
 
-/// Opens command connection `number`, loads every script, and raises Redis's fencing floor.
-async fn open(link: &Link, number: u64) -> Result<MultiplexedConnection, RedisError> {
+/// Opens command connection `number`: connects, logs in, loads every script, and raises Redis's
+/// fencing floor. The connection tells the link the moment it closes, holding the link weakly so a
+/// closed link is not kept alive by its own connection.
+async fn open(link: &Link, number: u64) -> Result<Pipe, String> {
     let shared = &link.shared;
-    let mut conn = shared
-        .client
-        .get_multiplexed_async_connection_with_config(&connection_config(shared, number))
-        .await?;
-    scripts::load_all(&mut conn).await?;
-    let floor = shared.fence_floor.load(Ordering::Relaxed);
-    if floor > 0 {
-        scripts::raise_floor_on(&mut conn, &shared.keys, floor).await?;
+    let weak: Weak<Shared> = Arc::downgrade(shared);
+    let pipe = Pipe::connect(
+        &shared.target.address,
+        shared.settings.connect_timeout,
+        shared.settings.response_timeout,
+        move |why| {
+            if let Some(shared) = weak.upgrade() {
+                mark_down(&shared, number, &why);
+            }
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let setup = async {
+        if let Some((user, password)) = &shared.target.auth {
+            let mut auth = Command::new("AUTH");
+            if let Some(user) = user {
+                auth.arg(user.as_bytes());
+            }
+            auth.arg(password.as_bytes());
+            expect_ok(&pipe, &auth, "AUTH").await?;
+        }
+        if shared.target.db != 0 {
+            let mut select = Command::new("SELECT");
+            select.arg(shared.target.db.to_string().as_bytes());
+            expect_ok(&pipe, &select, "SELECT").await?;
+        }
+        scripts::load_all(&pipe).await?;
+        let floor = shared.fence_floor.load(Ordering::Relaxed);
+        if floor > 0 {
+            scripts::raise_floor_on(&pipe, &shared.keys, floor).await?;
+        }
+        Ok::<(), String>(())
+    };
+    match setup.await {
+        Ok(()) => Ok(pipe),
+        Err(e) => {
+            pipe.close();
+            Err(e)
+        }
     }
-    Ok(conn)
+}
+
+/// Sends `cmd` on a connection not yet handed out; anything but a plain reply is the error.
+async fn expect_ok(pipe: &Pipe, cmd: &Command, what: &str) -> Result<Reply, String> {
+    match pipe.call(cmd).await {
+        Ok(Reply::Error(e)) => Err(format!("{what}: {e}")),
+        Ok(reply) => Ok(reply),
+        Err(e) => Err(format!("{what}: {e}")),
+    }
 }
 
 #[cfg(test)]
@@ -602,6 +643,7 @@ mod tests {
         assert_eq!(k.value("session:42"), "app1:v:session:42");
         assert_eq!(k.lock("session:42"), "app1:l:session:42");
         assert_eq!(k.fence("session:42"), "app1:f:session:42");
+        assert_eq!(k.waiters("session:42"), "app1:w:session:42");
         assert_eq!(k.newest_fence(), "app1:fence");
         assert_eq!(k.seq(), "app1:seq");
         assert_eq!(k.invalidations(), "app1:inval");

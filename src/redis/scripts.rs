@@ -12,14 +12,14 @@
 //! written with `%.0f`; the fenced-write check compares those strings for equality, exact at any size.
 //! docs/coherence.md argues why the tokens stay ordered across daemons, restarts and degraded mode.
 
-use std::sync::LazyLock;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::Bytes;
-use redis::aio::MultiplexedConnection;
-use redis::{RedisError, Script, Value};
 
-use super::{Keys, Link, LinkError};
+use super::pipe::Pipe;
+use super::resp::{Command, Reply};
+use super::{expect_ok, Keys, Link, LinkError};
 
 /// How long a lock's newest fencing token is kept in Redis after the lock last became free, so a
 /// fenced write from its last holder is still checked against it. The same hour the standalone lock
@@ -32,13 +32,19 @@ pub const VALUE_FORMAT: u8 = 1;
 /// Bytes before the value itself: the format byte and a CRC-32, big-endian.
 pub const VALUE_HEADER_LEN: usize = 5;
 
-/// Acquire. KEYS: lock, lock's newest fence, newest fence of any lock, write sequence.
-/// ARGV: owner token, lease ms, caller's floor, record retention ms.
-/// Returns `{1, seq, fence}` when granted (fence as a decimal string), `{0, seq, pttl}` when held.
+/// Acquire. KEYS: lock, lock's newest fence, newest fence of any lock, write sequence, lock's waiters
+/// mark. ARGV: owner token, lease ms, caller's floor, record retention ms, '1' if the caller will wait.
+/// Returns `{1, seq, fence}` when granted (fence as a decimal string), `{0, seq, pttl}` when held. A
+/// caller that will wait marks the lock as waited for (until the holder's lease ends, and a second
+/// more), so that its release is published.
 const ACQUIRE: &str = r"
 local seq = tonumber(redis.call('GET', KEYS[4]) or '0')
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {0, seq, redis.call('PTTL', KEYS[1])}
+  local pttl = redis.call('PTTL', KEYS[1])
+  if ARGV[5] == '1' then
+    redis.call('SET', KEYS[5], '1', 'PX', math.max(pttl, 0) + 1000)
+  end
+  return {0, seq, pttl}
 end
 local t = redis.call('TIME')
 local fence = math.max(
@@ -51,15 +57,19 @@ redis.call('SET', KEYS[2], f, 'PX', tonumber(ARGV[2]) + tonumber(ARGV[4]))
 return {1, seq, f}
 ";
 
-/// Release. KEYS: lock, lock's newest fence. ARGV: owner token, release channel, lock name,
-/// record retention ms. Returns 1 released (and published), 0 not held, -1 held by another token.
+/// Release. KEYS: lock, lock's newest fence, lock's waiters mark. ARGV: owner token, release
+/// channel, lock name, record retention ms. Returns 1 released, 0 not held, -1 held by another
+/// token. The release is published only when someone marked the lock as waited for: an uncontended
+/// lock costs no message to every daemon.
 const RELEASE: &str = r"
 local holder = redis.call('GET', KEYS[1])
 if not holder then return 0 end
 if holder ~= ARGV[1] then return -1 end
 redis.call('DEL', KEYS[1])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call('PUBLISH', ARGV[2], ARGV[3])
+if redis.call('DEL', KEYS[3]) == 1 then
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+end
 return 1
 ";
 
@@ -131,16 +141,50 @@ if not v then return {0, seq} end
 return {1, seq, redis.call('PTTL', KEYS[1]), v}
 ";
 
-static ACQUIRE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(ACQUIRE));
-static RELEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE));
-static EXTEND_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(EXTEND));
-static ADOPT_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(ADOPT));
-static RAISE_FLOOR_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RAISE_FLOOR));
-static WRITE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(WRITE));
-static READ_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(READ));
+/// A script and its SHA-1, by which `EVALSHA` names it.
+pub struct Lua {
+    code: &'static str,
+    sha: OnceLock<String>,
+}
+
+impl Lua {
+    const fn new(code: &'static str) -> Lua {
+        Lua {
+            code,
+            sha: OnceLock::new(),
+        }
+    }
+
+    /// The SHA-1 of the code, in hex.
+    fn sha(&self) -> &str {
+        self.sha
+            .get_or_init(|| sha1_smol::Sha1::from(self.code).digest().to_string())
+    }
+
+    /// `EVALSHA sha numkeys`: the keys and arguments follow.
+    fn evalsha(&self, keys: u64) -> Command {
+        let mut cmd = Command::new("EVALSHA");
+        cmd.arg(self.sha().as_bytes()).uint(keys);
+        cmd
+    }
+
+    fn load(&self) -> Command {
+        let mut cmd = Command::new("SCRIPT");
+        cmd.arg(b"LOAD").arg(self.code.as_bytes());
+        cmd
+    }
+}
+
+static ACQUIRE_SCRIPT: Lua = Lua::new(ACQUIRE);
+static RELEASE_SCRIPT: Lua = Lua::new(RELEASE);
+static EXTEND_SCRIPT: Lua = Lua::new(EXTEND);
+static ADOPT_SCRIPT: Lua = Lua::new(ADOPT);
+static RAISE_FLOOR_SCRIPT: Lua = Lua::new(RAISE_FLOOR);
+static WRITE_SCRIPT: Lua = Lua::new(WRITE);
+static READ_SCRIPT: Lua = Lua::new(READ);
 
 /// Every script, for loading at connect.
-fn all() -> [&'static Script; 7] {
+fn all() -> [&'static Lua; 7] {
     [
         &ACQUIRE_SCRIPT,
         &RELEASE_SCRIPT,
@@ -152,26 +196,30 @@ fn all() -> [&'static Script; 7] {
     ]
 }
 
-/// `SCRIPT LOAD`s every script, so calls are plain `EVALSHA`s from the first one.
-pub(super) async fn load_all(conn: &mut MultiplexedConnection) -> Result<(), RedisError> {
+/// `SCRIPT LOAD`s every script on a connection not yet handed out, so calls are plain `EVALSHA`s
+/// from the first one.
+pub(super) async fn load_all(pipe: &Pipe) -> Result<(), String> {
     for script in all() {
-        script.load_async(conn).await?;
+        match expect_ok(pipe, &script.load(), "SCRIPT LOAD").await? {
+            Reply::Bulk(sha) if sha == script.sha().as_bytes() => {}
+            other => return Err(format!("SCRIPT LOAD answered {other:?}")),
+        }
     }
     Ok(())
 }
 
 /// Raises Redis's newest fence to `floor` on a connection not yet handed out.
-pub(super) async fn raise_floor_on(
-    conn: &mut MultiplexedConnection,
-    keys: &Keys,
-    floor: u64,
-) -> Result<(), RedisError> {
-    RAISE_FLOOR_SCRIPT
-        .key(keys.newest_fence())
-        .arg(floor)
-        .invoke_async::<Value>(conn)
+pub(super) async fn raise_floor_on(pipe: &Pipe, keys: &Keys, floor: u64) -> Result<(), String> {
+    let mut cmd = RAISE_FLOOR_SCRIPT.evalsha(1);
+    key(&mut cmd, keys, "fence", "").uint(floor);
+    expect_ok(pipe, &cmd, "raise the fencing floor")
         .await
         .map(drop)
+}
+
+/// Appends the key name `<prefix><kind><rest>` to `cmd` without building it first.
+fn key<'c>(cmd: &'c mut Command, keys: &Keys, kind: &str, rest: &str) -> &'c mut Command {
+    cmd.parts(&[keys.prefix().as_bytes(), kind.as_bytes(), rest.as_bytes()])
 }
 
 /// The answer to [`Link::acquire`].
@@ -266,30 +314,49 @@ pub struct Stored {
 }
 
 impl Link {
+    /// Runs a script: `EVALSHA`, and after a `NOSCRIPT` (Redis restarted or its scripts flushed
+    /// since the connection loaded them) `SCRIPT LOAD` and `EVALSHA` again. An error reply is
+    /// [`LinkError::Unexpected`]: the scripts raise none.
+    async fn run(&self, script: &Lua, cmd: &Command) -> Result<Reply, LinkError> {
+        let mut reply = self.call(cmd).await?;
+        if reply.error_kind() == Some("NOSCRIPT") {
+            match self.call(&script.load()).await? {
+                Reply::Error(e) => return Err(LinkError::Unexpected(format!("SCRIPT LOAD: {e}"))),
+                _ => reply = self.call(cmd).await?,
+            }
+        }
+        match reply {
+            Reply::Error(e) => Err(LinkError::Unexpected(e)),
+            reply => Ok(reply),
+        }
+    }
+
     /// Tries to take `lock` for `token` with `lease`. The fencing token is above every token Redis
     /// issued before and above [`Link::fence_floor`]; a granted fence is noted (see
     /// [`Link::note_fence`]). `token` must be in one canonical spelling (the daemon's lower-case
-    /// UUID), since release and extend compare it byte for byte.
+    /// UUID), since release and extend compare it byte for byte. A caller that `will_wait` if the
+    /// lock is held marks it as waited for, so its release is published on the release channel.
     pub async fn acquire(
         &self,
         lock: &str,
         token: &str,
         lease: Duration,
+        will_wait: bool,
     ) -> Result<Acquire, LinkError> {
         let keys = self.keys();
-        let mut invocation = ACQUIRE_SCRIPT.key(keys.lock(lock));
-        invocation
-            .key(keys.fence(lock))
-            .key(keys.newest_fence())
-            .key(keys.seq())
-            .arg(token)
-            .arg(millis(lease))
-            .arg(self.fence_floor())
-            .arg(millis(RECORD_RETENTION));
-        let answer: Vec<Value> = self
-            .call(|mut c| async move { invocation.invoke_async(&mut c).await })
-            .await?;
-        let acquire = match answer.as_slice() {
+        let mut cmd = ACQUIRE_SCRIPT.evalsha(5);
+        key(&mut cmd, keys, Keys::LOCK, lock);
+        key(&mut cmd, keys, Keys::FENCE, lock);
+        key(&mut cmd, keys, Keys::NEWEST_FENCE, "");
+        key(&mut cmd, keys, Keys::SEQ, "");
+        key(&mut cmd, keys, Keys::WAITERS, lock);
+        cmd.arg(token.as_bytes())
+            .uint(millis(lease))
+            .uint(self.fence_floor())
+            .uint(millis(RECORD_RETENTION))
+            .arg(if will_wait { b"1" } else { b"0" });
+        let answer = self.run(&ACQUIRE_SCRIPT, &cmd).await?;
+        let acquire = match members(&answer) {
             [flag, seq, fence] if int(flag)? == 1 => Acquire::Granted {
                 fence: decimal(fence)?,
                 seq: uint(seq)?,
@@ -298,7 +365,7 @@ impl Link {
                 lease_left: u64::try_from(int(pttl)?).ok().map(Duration::from_millis),
                 seq: uint(seq)?,
             },
-            other => return Err(unexpected("acquire", other)),
+            _ => return Err(unexpected("acquire", &answer)),
         };
         if let Acquire::Granted { fence, .. } = acquire {
             self.note_fence(fence);
@@ -306,20 +373,18 @@ impl Link {
         Ok(acquire)
     }
 
-    /// Releases `lock` if `token` holds it, and publishes the release on the release channel.
+    /// Releases `lock` if `token` holds it, and publishes the release on the release channel if
+    /// someone waits for it.
     pub async fn release(&self, lock: &str, token: &str) -> Result<Compare, LinkError> {
         let keys = self.keys();
-        let mut invocation = RELEASE_SCRIPT.key(keys.lock(lock));
-        invocation
-            .key(keys.fence(lock))
-            .arg(token)
-            .arg(keys.releases())
-            .arg(lock)
-            .arg(millis(RECORD_RETENTION));
-        let answer: i64 = self
-            .call(|mut c| async move { invocation.invoke_async(&mut c).await })
-            .await?;
-        compare(answer)
+        let mut cmd = RELEASE_SCRIPT.evalsha(3);
+        key(&mut cmd, keys, Keys::LOCK, lock);
+        key(&mut cmd, keys, Keys::FENCE, lock);
+        key(&mut cmd, keys, Keys::WAITERS, lock);
+        cmd.arg(token.as_bytes());
+        key(&mut cmd, keys, Keys::RELEASES, "");
+        cmd.arg(lock.as_bytes()).uint(millis(RECORD_RETENTION));
+        compare(&self.run(&RELEASE_SCRIPT, &cmd).await?)
     }
 
     /// Sets the lease of `lock` to `lease` from now if `token` holds it.
@@ -330,16 +395,13 @@ impl Link {
         lease: Duration,
     ) -> Result<Compare, LinkError> {
         let keys = self.keys();
-        let mut invocation = EXTEND_SCRIPT.key(keys.lock(lock));
-        invocation
-            .key(keys.fence(lock))
-            .arg(token)
-            .arg(millis(lease))
-            .arg(millis(RECORD_RETENTION));
-        let answer: i64 = self
-            .call(|mut c| async move { invocation.invoke_async(&mut c).await })
-            .await?;
-        compare(answer)
+        let mut cmd = EXTEND_SCRIPT.evalsha(2);
+        key(&mut cmd, keys, Keys::LOCK, lock);
+        key(&mut cmd, keys, Keys::FENCE, lock);
+        cmd.arg(token.as_bytes())
+            .uint(millis(lease))
+            .uint(millis(RECORD_RETENTION));
+        compare(&self.run(&EXTEND_SCRIPT, &cmd).await?)
     }
 
     /// Takes into Redis a lock this daemon granted while Redis was away, with the grant's own owner
@@ -352,25 +414,23 @@ impl Link {
         fence: u64,
     ) -> Result<Adopt, LinkError> {
         let keys = self.keys();
-        let mut invocation = ADOPT_SCRIPT.key(keys.lock(lock));
-        invocation
-            .key(keys.fence(lock))
-            .key(keys.newest_fence())
-            .key(keys.seq())
-            .arg(token)
-            .arg(millis(lease))
-            .arg(fence)
-            .arg(millis(RECORD_RETENTION));
-        let answer: Vec<Value> = self
-            .call(|mut c| async move { invocation.invoke_async(&mut c).await })
-            .await?;
-        match answer.as_slice() {
+        let mut cmd = ADOPT_SCRIPT.evalsha(4);
+        key(&mut cmd, keys, Keys::LOCK, lock);
+        key(&mut cmd, keys, Keys::FENCE, lock);
+        key(&mut cmd, keys, Keys::NEWEST_FENCE, "");
+        key(&mut cmd, keys, Keys::SEQ, "");
+        cmd.arg(token.as_bytes())
+            .uint(millis(lease))
+            .uint(fence)
+            .uint(millis(RECORD_RETENTION));
+        let answer = self.run(&ADOPT_SCRIPT, &cmd).await?;
+        match members(&answer) {
             [flag, seq] if int(flag)? == 1 => Ok(Adopt::Adopted { seq: uint(seq)? }),
             [flag, newest] if int(flag)? == 0 => Ok(Adopt::Superseded {
                 newest: decimal(newest)?,
             }),
             [_, _] => Ok(Adopt::OtherHolder),
-            other => Err(unexpected("adopt", other)),
+            _ => Err(unexpected("adopt", &answer)),
         }
     }
 
@@ -378,12 +438,9 @@ impl Link {
     /// The connector does this on every connect with [`Link::fence_floor`]; this is for callers that
     /// must be sure before going on.
     pub async fn raise_fence_floor(&self, floor: u64) -> Result<u64, LinkError> {
-        let mut invocation = RAISE_FLOOR_SCRIPT.key(self.keys().newest_fence());
-        invocation.arg(floor);
-        let answer: Value = self
-            .call(|mut c| async move { invocation.invoke_async(&mut c).await })
-            .await?;
-        decimal(&answer)
+        let mut cmd = RAISE_FLOOR_SCRIPT.evalsha(1);
+        key(&mut cmd, self.keys(), Keys::NEWEST_FENCE, "").uint(floor);
+        decimal(&self.run(&RAISE_FLOOR_SCRIPT, &cmd).await?)
     }
 
     /// Stores `value` under `key` (with `ttl`, or none), checked against `fence` when given, bumping
@@ -395,100 +452,112 @@ impl Link {
         ttl: Option<Duration>,
         fence: Option<FenceCheck<'_>>,
     ) -> Result<Write, LinkError> {
-        let stored = encode_value(value);
         let ttl_ms = ttl.map_or(0, |t| millis(t).max(1));
-        self.write(key, "SET", &stored, ttl_ms, fence).await
+        self.write(key, "SET", Some(value), ttl_ms, fence).await
     }
 
     /// Deletes `key`, checked against `fence` when given, bumping the write sequence and publishing
     /// the invalidation in the same step.
     pub async fn del(&self, key: &str, fence: Option<FenceCheck<'_>>) -> Result<Write, LinkError> {
-        self.write(key, "DEL", &[], 0, fence).await
+        self.write(key, "DEL", None, 0, fence).await
     }
 
     async fn write(
         &self,
-        key: &str,
+        name: &str,
         op: &str,
-        stored: &[u8],
+        value: Option<&[u8]>,
         ttl_ms: u64,
         fence: Option<FenceCheck<'_>>,
     ) -> Result<Write, LinkError> {
         let keys = self.keys();
-        let mut invocation = WRITE_SCRIPT.key(keys.value(key));
-        invocation
-            .key(keys.seq())
-            .key(fence.map_or_else(|| keys.value(key), |f| keys.fence(f.lock)))
-            .arg(fence.map_or_else(String::new, |f| f.token.to_string()))
-            .arg(keys.invalidations())
-            .arg(key)
-            .arg(op)
-            .arg(stored)
-            .arg(ttl_ms);
-        let answer: Vec<Value> = self
-            .call(|mut c| async move { invocation.invoke_async(&mut c).await })
-            .await?;
-        match answer.as_slice() {
+        let mut cmd = WRITE_SCRIPT.evalsha(3);
+        key(&mut cmd, keys, Keys::VALUE, name);
+        key(&mut cmd, keys, Keys::SEQ, "");
+        match fence {
+            Some(f) => key(&mut cmd, keys, Keys::FENCE, f.lock),
+            None => key(&mut cmd, keys, Keys::VALUE, name),
+        };
+        match fence {
+            Some(f) => cmd.uint(f.token),
+            None => cmd.arg(b""),
+        };
+        key(&mut cmd, keys, Keys::INVALIDATIONS, "");
+        cmd.arg(name.as_bytes()).arg(op.as_bytes());
+        match value {
+            // The stored form, written in parts: the header, then the value, never copied whole.
+            Some(value) => cmd.parts(&[&stored_header(value), value]),
+            None => cmd.arg(b""),
+        };
+        cmd.uint(ttl_ms);
+        let answer = self.run(&WRITE_SCRIPT, &cmd).await?;
+        match members(&answer) {
             [flag, seq, existed] if int(flag)? == 1 => Ok(Write::Done {
                 seq: uint(seq)?,
                 existed: int(existed)? > 0,
             }),
             [_, newest] => Ok(Write::Fenced {
                 newest: match newest {
-                    Value::BulkString(b) if b.is_empty() => None,
+                    Reply::Bulk(b) if b.is_empty() => None,
                     other => Some(decimal(other)?),
                 },
             }),
-            other => Err(unexpected("write", other)),
+            _ => Err(unexpected("write", &answer)),
         }
     }
 
     /// Reads `key` and the write sequence it is current at, in one step. A value that fails its
     /// checksum is [`LinkError::Corrupted`], never returned.
-    pub async fn read(&self, key: &str) -> Result<Read, LinkError> {
+    pub async fn read(&self, name: &str) -> Result<Read, LinkError> {
         let keys = self.keys();
-        let mut invocation = READ_SCRIPT.key(keys.value(key));
-        invocation.key(keys.seq());
-        let answer: Vec<Value> = self
-            .call(|mut c| async move { invocation.invoke_async(&mut c).await })
-            .await?;
-        match answer.as_slice() {
+        let mut cmd = READ_SCRIPT.evalsha(2);
+        key(&mut cmd, keys, Keys::VALUE, name);
+        key(&mut cmd, keys, Keys::SEQ, "");
+        let answer = self.run(&READ_SCRIPT, &cmd).await?;
+        match members(&answer) {
             [_, seq] => Ok(Read {
                 seq: uint(seq)?,
                 value: None,
             }),
-            [_, seq, pttl, Value::BulkString(stored)] => {
-                let bytes = decode_value(stored).map_err(|reason| LinkError::Corrupted {
-                    key: key.to_string(),
+            [_, seq, pttl, Reply::Bulk(stored)] => {
+                decode_value(stored).map_err(|reason| LinkError::Corrupted {
+                    key: name.to_string(),
                     reason,
                 })?;
                 Ok(Read {
                     seq: uint(seq)?,
                     value: Some(Stored {
-                        bytes: Bytes::copy_from_slice(bytes),
+                        // The reply's own buffer, past the header: no copy.
+                        bytes: stored.slice(VALUE_HEADER_LEN..),
                         ttl: u64::try_from(int(pttl)?).ok().map(Duration::from_millis),
                     }),
                 })
             }
-            other => Err(unexpected("read", other)),
+            _ => Err(unexpected("read", &answer)),
         }
     }
 
     /// The write sequence now (0 before the first write).
     pub async fn write_seq(&self) -> Result<u64, LinkError> {
-        let key = self.keys().seq();
-        let answer: Option<u64> = self
-            .call(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
-            .await?;
-        Ok(answer.unwrap_or(0))
+        let mut cmd = Command::new("GET");
+        key(&mut cmd, self.keys(), Keys::SEQ, "");
+        match self.call(&cmd).await? {
+            Reply::Nil => Ok(0),
+            other => decimal(&other),
+        }
     }
+}
+
+/// The header of a value's stored form: [`VALUE_FORMAT`] and the value's CRC-32, big-endian.
+fn stored_header(value: &[u8]) -> [u8; VALUE_HEADER_LEN] {
+    let crc = crc32fast::hash(value).to_be_bytes();
+    [VALUE_FORMAT, crc[0], crc[1], crc[2], crc[3]]
 }
 
 /// The stored form of a value: [`VALUE_FORMAT`], the CRC-32 of the value (big-endian), the value.
 pub fn encode_value(value: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(VALUE_HEADER_LEN + value.len());
-    out.push(VALUE_FORMAT);
-    out.extend_from_slice(&crc32fast::hash(value).to_be_bytes());
+    out.extend_from_slice(&stored_header(value));
     out.extend_from_slice(value);
     out
 }
@@ -517,8 +586,8 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-fn compare(answer: i64) -> Result<Compare, LinkError> {
-    match answer {
+fn compare(answer: &Reply) -> Result<Compare, LinkError> {
+    match int(answer)? {
         1 => Ok(Compare::Done),
         0 => Ok(Compare::NotHeld),
         -1 => Ok(Compare::OtherHolder),
@@ -528,24 +597,32 @@ fn compare(answer: i64) -> Result<Compare, LinkError> {
     }
 }
 
-fn int(v: &Value) -> Result<i64, LinkError> {
+/// The members of an array reply; none for anything else.
+fn members(reply: &Reply) -> &[Reply] {
+    match reply {
+        Reply::Array(all) => all,
+        _ => &[],
+    }
+}
+
+fn int(v: &Reply) -> Result<i64, LinkError> {
     match v {
-        Value::Int(i) => Ok(*i),
+        Reply::Int(i) => Ok(*i),
         other => Err(LinkError::Unexpected(format!(
             "{other:?} where an integer belongs"
         ))),
     }
 }
 
-fn uint(v: &Value) -> Result<u64, LinkError> {
+fn uint(v: &Reply) -> Result<u64, LinkError> {
     let i = int(v)?;
     u64::try_from(i).map_err(|_| LinkError::Unexpected(format!("negative number {i}")))
 }
 
 /// A fencing token: a decimal string (or, from a script returning a number, an integer).
-fn decimal(v: &Value) -> Result<u64, LinkError> {
+fn decimal(v: &Reply) -> Result<u64, LinkError> {
     match v {
-        Value::BulkString(b) => std::str::from_utf8(b)
+        Reply::Bulk(b) => std::str::from_utf8(b)
             .ok()
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| {
@@ -558,7 +635,7 @@ fn decimal(v: &Value) -> Result<u64, LinkError> {
     }
 }
 
-fn unexpected(script: &str, answer: &[Value]) -> LinkError {
+fn unexpected(script: &str, answer: &Reply) -> LinkError {
     LinkError::Unexpected(format!("{script} script answered {answer:?}"))
 }
 

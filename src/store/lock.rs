@@ -287,16 +287,19 @@ impl Candidate {
         alive: &CancellationToken,
     ) -> Result<(), StoreError> {
         let redis_lease = Remote::redis_lease(self.lease);
+        // The release watch starts after the first refusal, not before the first try: an
+        // uncontended LOCK then costs no watch. The try after the watch starts sees any release
+        // published before it, so none is missed from then on.
+        let mut watch = None;
+        let mut watching = false;
         loop {
-            // Watch before asking, so a release published while the acquire runs is not missed.
-            let mut watch = self.remote.wakeups.watch(&self.key);
             // Until the answer is read, the acquire may have landed in Redis: dropping this
             // candidate then releases it there too.
             self.asked = true;
-            let asked = self
-                .remote
-                .link
-                .acquire(&self.key, &self.grant.token, redis_lease);
+            let asked =
+                self.remote
+                    .link
+                    .acquire(&self.key, &self.grant.token, redis_lease, !try_only);
             // The LOCK's wait bounds the acquire too: a Redis that is slow to answer (or a link
             // with a backlog) must not hold the LOCK past the wait its client asked for.
             let answer = tokio::select! {
@@ -335,6 +338,15 @@ impl Candidate {
             };
             if try_only {
                 return Err(StoreError::Locked(self.key.clone()));
+            }
+            if !watching {
+                // Held: watch for its release, then ask once more at once (it may have been
+                // released, and published, before the watch began).
+                watching = true;
+                watch = self.remote.wakeups.watch(&self.key);
+                if watch.is_some() {
+                    continue;
+                }
             }
             // No later than the holder's lease ends; jittered so hosts do not ask in step.
             let retry = self
