@@ -6,10 +6,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use scaled_fuzz::{check_answers, daemon, RUNTIME};
+use scaled_fuzz::{check_answers, daemon, runtime};
 
 fuzz_target!(|data: &[u8]| {
-    let out = RUNTIME.block_on(async {
+    let out = runtime().block_on(async {
         let daemon = daemon();
         let mut out = Vec::new();
         scaled::connection::serve(daemon, 1, data, &mut out).await;

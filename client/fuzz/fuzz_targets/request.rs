@@ -13,7 +13,7 @@ use scaled::cmd::{dispatch, Outcome, Peer};
 use scaled::connection::write_answer;
 use scaled::context::RequestContext;
 use scaled_client::proto::decode_request;
-use scaled_fuzz::{check_answers, daemon, RUNTIME};
+use scaled_fuzz::{check_answers, daemon, runtime};
 use tokio::time::Instant;
 
 fuzz_target!(|data: &[u8]| {
@@ -21,7 +21,7 @@ fuzz_target!(|data: &[u8]| {
         Ok(request) => request,
         Err(_) => return,
     };
-    let out = RUNTIME.block_on(async {
+    let out = runtime().block_on(async {
         let daemon = daemon();
         let mut peer = Peer::new(1);
         peer.greeted = request.cmd != scaled_client::proto::CommandName::Hello;
