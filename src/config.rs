@@ -85,7 +85,7 @@ pub struct Config {
     pub redis_connect_timeout: f64,
 
     /// Seconds a command may wait for Redis's answer before it fails UNAVAILABLE and Redis counts
-    /// as unreachable.
+    /// as unreachable (checked four times per timeout, so a command may wait up to a quarter longer).
     #[arg(long, env = "REDIS_RESPONSE_TIMEOUT", default_value = "2", value_parser = parse_timeout)]
     pub redis_response_timeout: f64,
 
