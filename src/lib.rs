@@ -30,6 +30,7 @@
 //! - [`retire`]: cancels a departing connection's waiting requests a slice at a time.
 //! - [`waits`]: a connection's requests that finish later, and their limits.
 //! - [`rlimit`]: raises the open-file limit so the connection limit, not the kernel, turns clients away.
+//! - [`heap`]: the C allocator's settings, so a mass release never stalls the serving thread.
 //! - [`throttle`]: rate-limited warnings for what a client can cause at will.
 //! - [`stats`]: [`daemon::Daemon::stats`], the one builder of every figure, for STATS and `/metrics`.
 //! - [`metrics`]: the Prometheus endpoint (`--metrics`), rendering those figures.
@@ -50,6 +51,7 @@ pub mod config;
 pub mod connection;
 pub mod context;
 pub mod daemon;
+pub mod heap;
 pub mod locks;
 pub mod logging;
 pub mod meter;

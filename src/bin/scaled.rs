@@ -13,6 +13,7 @@ use scaled::notify::Notifier;
 use scaled::server::Server;
 
 fn main() -> ExitCode {
+    scaled::heap::tune();
     let config = Config::parse();
     if config.print_config {
         match serde_json::to_string_pretty(&config) {
