@@ -146,6 +146,7 @@ async fn attacks_on_the_lock_table() {
             "200000",
         ],
         |d| async move {
+            let began = std::time::Instant::now();
             let mut holder = d.raw().await;
             holder.request(&lock(1, "hot", 600_000, 0, false)).await;
             holder.recv().await.expect("grant");
@@ -161,10 +162,17 @@ async fn attacks_on_the_lock_table() {
             let mut observer = d.raw().await;
             wait_for_stat(&mut observer, "waiters", 100_000).await;
             let cpu = probe::cpu_ns(&d);
+            let left = began.elapsed();
             drop(waiter);
             wait_for_stat(&mut observer, "waiters", 0).await;
             let withdraw = (probe::cpu_ns(&d) - cpu) as f64 / 1e6;
-            format!("withdrawing them took {withdraw:.0} ms of daemon CPU")
+            format!(
+                "all queued by {:.3}s; withdrawal from {:.3}s to {:.3}s took {withdraw:.0} ms of \
+                 daemon CPU",
+                left.as_secs_f64(),
+                left.as_secs_f64(),
+                began.elapsed().as_secs_f64()
+            )
         },
     )
     .await;

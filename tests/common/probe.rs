@@ -58,7 +58,13 @@ pub struct ProbeReport {
     pub failures: Vec<String>,
     /// Round-trip times, in microseconds.
     pub latency_us: Histogram<u64>,
+    /// The round trips over [`SLOW_US`]: when each began (since the probe started) and how long it
+    /// took, so a tail can be matched to what the attack was doing then.
+    pub slow: Vec<(Duration, Duration)>,
 }
+
+/// A round trip at least this long (µs) is kept in [`ProbeReport::slow`].
+pub const SLOW_US: u64 = 10_000;
 
 impl ProbeReport {
     /// Fails the test unless every GET was answered, and at least `min` were.
@@ -79,12 +85,19 @@ impl ProbeReport {
     /// "p50 … p99 … max …" in milliseconds, for a test's output.
     pub fn summary(&self) -> String {
         let ms = |q: f64| self.latency_us.value_at_quantile(q) as f64 / 1000.0;
+        let slow: Vec<String> = self
+            .slow
+            .iter()
+            .take(8)
+            .map(|(at, took)| format!("{:.3}s:{:.1}ms", at.as_secs_f64(), took.as_secs_f64() * 1e3))
+            .collect();
         format!(
-            "{} GETs, p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+            "{} GETs, p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms, over 10 ms at [{}]",
             self.answered,
             ms(0.5),
             ms(0.99),
-            self.latency_us.max() as f64 / 1000.0
+            self.latency_us.max() as f64 / 1000.0,
+            slow.join(" ")
         )
     }
 }
@@ -130,13 +143,20 @@ impl Prober {
                     failures: Vec::new(),
                     latency_us: Histogram::new_with_bounds(1, 600_000_000, 3)
                         .expect("histogram bounds"),
+                    slow: Vec::new(),
                 };
+                let began = Instant::now();
                 while !stopping.load(Ordering::Relaxed) {
                     let sent = Instant::now();
                     let got =
                         tokio::time::timeout(super::STARTUP_LIMIT, client.get(Self::KEY)).await;
                     let took = sent.elapsed().as_micros() as u64;
                     report.latency_us.saturating_record(took.max(1));
+                    if took >= SLOW_US {
+                        report
+                            .slow
+                            .push((sent - began, Duration::from_micros(took)));
+                    }
                     match got {
                         Ok(Ok(Some(v))) if v == Self::VALUE => report.answered += 1,
                         Ok(Ok(other)) => report.failures.push(format!("GET answered {other:?}")),
