@@ -22,7 +22,8 @@
 //! noticed before the next call fails on it.
 //!
 //! One pipelined connection, not a pool: Redis runs commands one at a time, and one connection
-//! carrying every caller's commands in large writes is what Redis serves fastest. The daemon therefore uses three connections (commands, invalidations, wake-ups), within
+//! carrying every caller's commands in large writes is what Redis serves fastest. The daemon
+//! therefore uses three connections (commands, invalidations, wake-ups), within
 //! `REDIS_MAX_CONNECTIONS`, which must allow them.
 
 pub mod coherence;
@@ -406,9 +407,10 @@ impl Link {
     }
 
     /// Sends one command on the command connection, counting it. A connection that fails takes the
-    /// link down ([`LinkError::Unavailable`]); so does nothing, but is unavailable too, a Redis that
-    /// answers it cannot serve now (loading its data after a restart, a replica without its
-    /// primary). Any other error reply is returned as the reply, for the caller to judge.
+    /// link down ([`LinkError::Unavailable`]). A Redis that answers but cannot serve now (loading its
+    /// data after a restart, a replica without its primary, a script still running) is unavailable
+    /// too, without taking the link down. Any other error reply is returned as the reply, for the
+    /// caller to judge.
     pub(crate) async fn call(&self, cmd: &Command) -> Result<Reply, LinkError> {
         let counters = &self.shared.counters;
         let (number, pipe) = self.connection().inspect_err(|_| {
