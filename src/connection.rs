@@ -32,7 +32,9 @@
 //! locks are released at once, before any answers still unwritten are flushed, and every request
 //! still waiting is cancelled, a slice at a time (see [`crate::retire`]).
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -114,8 +116,18 @@ where
     // Made once: a fresh future per pass would register and unregister with the token every request.
     let shutdown = daemon.shutdown.cancelled();
     tokio::pin!(shutdown);
+    // One timer for all the deadlines below, moved only when a deadline comes sooner than the one it
+    // is set for. Activity only moves deadlines later, so the timer is left alone on a busy
+    // connection; when it fires early it finds nothing due and is set again. Setting a timer for
+    // every request cost more than the request's own work.
+    let timer = tokio::time::sleep_until(opened);
+    tokio::pin!(timer);
+    let mut armed: Option<Instant> = None;
 
     loop {
+        // The clock, read at most once a pass: a pass takes microseconds, and a clock read costs
+        // as much as a small request's lookup.
+        let mut clock = PassClock(None);
         let backlogged = bufs.unwritten() >= BACKLOG;
         let mut more = false;
         if reading
@@ -124,7 +136,8 @@ where
             && !waits.paused()
             && missing(&bufs.inbuf, MAX_FRAME_LEN) == 0
         {
-            match drain_frames(&daemon, &mut peer, &mut bufs, &mut waits) {
+            let now = clock.now();
+            match drain_frames(&daemon, &mut peer, &mut bufs, &mut waits, now) {
                 Drained::AllThere => {}
                 Drained::More => more = true,
                 Drained::Aside(body, taken) => {
@@ -140,17 +153,36 @@ where
             }
             // A frame was taken: whatever is left is a new frame, with its own time to finish.
             frame_began = None;
-            last_active = Instant::now();
+            last_active = now;
+        }
+        if bufs.unwritten() > 0 {
+            // Most answers go out at once: writing them here, rather than in the select below,
+            // saves every request a pass through it. What the socket does not take now, the
+            // select's write arm waits to write.
+            match try_write(&mut writer, &bufs.out[bufs.written..]).await {
+                None => {}
+                Some(Ok(0) | Err(_)) => {
+                    tracing::debug!(conn = conn_id, "write failed; closing");
+                    return;
+                }
+                Some(Ok(n)) => {
+                    bufs.wrote(n);
+                    write_stalled = None;
+                    if bufs.unwritten() == 0 {
+                        last_active = clock.now();
+                    }
+                }
+            }
         }
         frame_began = match (bufs.inbuf.is_empty(), frame_began) {
             (true, _) => None,
-            (false, None) => Some(Instant::now()),
+            (false, None) => Some(clock.now()),
             (false, began) => began,
         };
         if bufs.unwritten() == 0 {
             write_stalled = None;
         } else if write_stalled.is_none() {
-            write_stalled = Some(Instant::now());
+            write_stalled = Some(clock.now());
         }
         // Taking no new request: its answers back up, or too much waits on Redis.
         let held = backlogged || waits.paused();
@@ -174,6 +206,12 @@ where
         .into_iter()
         .flatten()
         .min();
+        if let Some(at) = deadline {
+            if armed.is_none_or(|set| at < set) {
+                timer.as_mut().reset(at);
+                armed = Some(at);
+            }
+        }
         // While answers pile up unread, or a large frame is decoded aside, read only a little more:
         // enough to see the client close or shut down its write side, never an unbounded backlog of
         // requests.
@@ -231,8 +269,12 @@ where
                 }
                 Ok(n) => {
                     bufs.wrote(n);
-                    last_active = Instant::now();
                     write_stalled = None;
+                    // Only an empty buffer lets the connection go idle, so only then does the
+                    // time of the client's last read matter.
+                    if bufs.unwritten() == 0 {
+                        last_active = Instant::now();
+                    }
                 }
             },
             _ = &mut shutdown, if reading => {
@@ -263,8 +305,13 @@ where
                     return;
                 }
             },
-            _ = sleep_until(deadline), if deadline.is_some() => {
+            () = &mut timer, if armed.is_some() => {
+                armed = None;
                 let now = Instant::now();
+                if deadline.is_none_or(|at| now < at) {
+                    // Set for a deadline that activity has since moved: nothing is due yet.
+                    continue;
+                }
                 if write_stalled.is_some_and(|at| timeouts.write.is_some_and(|t| now >= at + t)) {
                     throttled_warn!(CLOSED, conn = conn_id, "closing a connection whose client does not read its answers");
                     return;
@@ -313,11 +360,25 @@ async fn join_aside<T>(handle: &mut Option<JoinHandle<T>>) -> Result<T, tokio::t
     }
 }
 
-/// Sleeps until `deadline`, or for ever without one (the select arm is then disabled anyway).
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+/// One attempt at a write: what the socket takes now, or `None` when it takes nothing now (the task
+/// is then woken when it can take more).
+async fn try_write<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    buf: &[u8],
+) -> Option<std::io::Result<usize>> {
+    std::future::poll_fn(|cx| match Pin::new(&mut *writer).poll_write(cx, buf) {
+        Poll::Ready(written) => Poll::Ready(Some(written)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await
+}
+
+/// The time as a pass of the connection loop first needs it.
+struct PassClock(Option<Instant>);
+
+impl PassClock {
+    fn now(&mut self) -> Instant {
+        *self.0.get_or_insert_with(Instant::now)
     }
 }
 
@@ -471,12 +532,14 @@ const DECODE_ASIDE: usize = 64 * 1024;
 type Decoded = Result<scaled_client::proto::Request, (u64, String)>;
 
 /// Runs up to [`BATCH`] complete frames from the read buffer. Stops early when the answers not yet
-/// written pass [`BACKLOG`], or at a frame to decode aside.
+/// written pass [`BACKLOG`], or at a frame to decode aside. Each frame's time is counted from `now`,
+/// when the pass that took them began: they all arrived before it.
 fn drain_frames(
     daemon: &Arc<Daemon>,
     peer: &mut Peer,
     bufs: &mut Buffers,
     waits: &mut Waits,
+    now: Instant,
 ) -> Drained {
     for _ in 0..BATCH {
         if bufs.unwritten() >= BACKLOG || waits.paused() {
@@ -491,7 +554,6 @@ fn drain_frames(
                 return Drained::Broken;
             }
         };
-        let now = Instant::now();
         if body.len() >= DECODE_ASIDE {
             return Drained::Aside(body, now);
         }
