@@ -201,27 +201,40 @@ impl<'a> Reader<'a> {
 /// (nil included: nil means absent, and `member` decides what absence means); unknown keys, str or not,
 /// are skipped with their values; a repeated str key is refused.
 ///
-/// The repeat check costs O(1) per member whatever the map's size (a hash set with a randomly keyed
-/// hash, so no input can make it degrade), so decoding stays linear in the frame's size: a map of a
-/// hundred thousand members costs a hundred thousand steps, not their square.
+/// The repeat check costs O(1) per member whatever the map's size: a bit per known key, and for
+/// unknown keys a hash set with a randomly keyed hash, so no input can make it degrade. Decoding stays
+/// linear in the frame's size: a map of a hundred thousand members costs a hundred thousand steps,
+/// not their square.
 fn each_member<'a>(
     r: &mut Reader<'a>,
     what: &str,
     known: &[&str],
     mut member: impl FnMut(&mut Reader<'a>, &'a str) -> Result<(), Malformed>,
 ) -> Result<(), Malformed> {
+    debug_assert!(known.len() <= 64, "a bit per known key");
     let len = r.map_len(what)?;
-    let mut seen = Seen::default();
+    let mut seen_known = 0u64;
+    let mut seen_unknown = Seen::default();
     for _ in 0..len {
         let Some(key) = r.str_if_str()? else {
             r.skip(0)?;
             r.skip(0)?;
             continue;
         };
-        if !seen.insert(key) {
+        let index = known.iter().position(|k| *k == key);
+        let fresh = match index {
+            Some(i) => {
+                let bit = 1u64 << i;
+                let fresh = seen_known & bit == 0;
+                seen_known |= bit;
+                fresh
+            }
+            None => seen_unknown.insert(key),
+        };
+        if !fresh {
             return malformed(format!("`{}` appears twice in {what}", clipped(key)));
         }
-        if known.contains(&key) {
+        if index.is_some() {
             member(r, key)?;
         } else {
             r.skip(0)?;
@@ -230,8 +243,9 @@ fn each_member<'a>(
     Ok(())
 }
 
-/// The str keys of one map seen so far. Requests have a handful of members, so a short list scanned
-/// linearly is fastest; past [`Seen::LIST`] members it moves into a hash set.
+/// The unknown str keys of one map seen so far: none in a well-formed request, a few in one from a
+/// newer client, any number in a hostile one. A short list scanned linearly until it passes
+/// [`Seen::LIST`] members, then a hash set; nothing allocated until the first.
 #[derive(Default)]
 struct Seen<'a> {
     list: Vec<&'a str>,
@@ -461,6 +475,37 @@ mod tests {
         assert_eq!(id_of(&trailing), 1);
         let array = encode(&rmpv::Value::Array(vec![1.into(), "PING".into()]));
         assert!(request(&array).is_err());
+    }
+
+    #[test]
+    fn a_repeated_key_is_found_however_many_members_come_before_it() {
+        // Across the short list's end and into the hash set: the repeat at every place.
+        for members in (1..=20).chain([40]) {
+            for repeat in 0..members {
+                let mut m: Vec<(rmpv::Value, rmpv::Value)> =
+                    vec![("id".into(), 1.into()), ("cmd".into(), "PING".into())];
+                m.extend((0..members).map(|i| (format!("x{i}").into(), 0.into())));
+                m.push((format!("x{repeat}").into(), 1.into()));
+                let err = request(&map(m)).expect_err("a repeated key is malformed");
+                assert!(
+                    err.0.contains("appears twice"),
+                    "{members}/{repeat}: {}",
+                    err.0
+                );
+            }
+            let mut m: Vec<(rmpv::Value, rmpv::Value)> =
+                vec![("id".into(), 1.into()), ("cmd".into(), "PING".into())];
+            m.extend((0..members).map(|i| (format!("x{i}").into(), 0.into())));
+            assert!(
+                request(&map(m.clone())).is_ok(),
+                "{members} distinct members"
+            );
+            m.push(("cmd".into(), "PING".into()));
+            assert!(
+                request(&map(m)).is_err(),
+                "a known key repeated after {members}"
+            );
+        }
     }
 
     #[test]
