@@ -7,7 +7,7 @@ use tokio::time::Instant;
 
 use scaled_client::proto::Args;
 
-use super::{lock_millis, marked, required_key, required_token, Answer, CommandError, Reply};
+use super::{answered, lock_millis, required_key, required_token, Answer, CommandError, Reply};
 use crate::daemon::Daemon;
 use crate::store::Step;
 
@@ -20,13 +20,8 @@ pub fn run(
     let token = required_token(&mut args)?;
     // Without ttl_ms the lease is renewed for the length it was granted with.
     let lease = lock_millis(args.ttl_ms, "ttl_ms")?;
-    let daemon = daemon.clone();
-    Ok(daemon
-        .store
-        .extend(&key, &token, lease, now)
-        .map(move |extended| {
-            marked(&daemon, extended, |(status, lease)| {
-                Reply::Status(status, Some(lease.as_millis() as u64))
-            })
-        }))
+    let step = daemon.store.extend(&key, &token, lease, now);
+    Ok(answered(daemon, step, |(status, lease)| {
+        Reply::Status(status, Some(lease.as_millis() as u64))
+    }))
 }

@@ -6,7 +6,7 @@ use tokio::time::Instant;
 
 use scaled_client::proto::Args;
 
-use super::{marked, required_key, Answer, CommandError, Reply};
+use super::{answered, required_key, Answer, CommandError, Reply};
 use crate::daemon::Daemon;
 use crate::store::Step;
 
@@ -16,10 +16,7 @@ pub fn run(
     now: Instant,
 ) -> Result<Step<Answer>, CommandError> {
     let key = required_key(&mut args)?;
-    let daemon2 = daemon.clone();
-    Ok(daemon.store.get(&key, now).map(move |found| {
-        marked(&daemon2, found, |value| {
-            value.map_or(Reply::Nil, Reply::Value)
-        })
+    Ok(answered(daemon, daemon.store.get(&key, now), |value| {
+        value.map_or(Reply::Nil, Reply::Value)
     }))
 }

@@ -6,7 +6,7 @@ use tokio::time::Instant;
 
 use scaled_client::proto::Args;
 
-use super::{lock_millis, marked, required_key, CommandError, Outcome, Peer, Reply};
+use super::{answered, lock_millis, required_key, CommandError, Outcome, Peer, Reply};
 use crate::daemon::Daemon;
 use crate::locks::LockRequest;
 use crate::store::lock::LockAsk;
@@ -41,12 +41,7 @@ pub fn run(daemon: &Arc<Daemon>, peer: &Peer, mut args: Args, now: Instant) -> O
         key,
         request,
         wait,
-        shutdown: daemon.shutdown.clone(),
+        shutdown: &daemon.shutdown,
     };
-    let daemon = daemon.clone();
-    daemon
-        .store
-        .lock(ask, now)
-        .map(move |granted| marked(&daemon, granted, Reply::Grant))
-        .into()
+    answered(daemon, daemon.store.lock(ask, now), Reply::Grant).into()
 }

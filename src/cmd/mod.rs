@@ -192,6 +192,23 @@ fn marked<T>(
     }
 }
 
+/// The answer to a store step: [`marked`] now, or when the step finishes. The daemon is shared with
+/// the step only when it finishes later: an `Arc` count taken and dropped on every request is a cost
+/// the requests answered at once need not pay.
+fn answered<T: Send + 'static>(
+    daemon: &Arc<Daemon>,
+    step: Step<Result<Marked<T>, StoreError>>,
+    reply: impl FnOnce(T) -> Reply + Send + 'static,
+) -> Step<Answer> {
+    match step {
+        Step::Ready(result) => Step::Ready(marked(daemon, result, reply)),
+        later => {
+            let daemon = daemon.clone();
+            later.map(move |result| marked(&daemon, result, reply))
+        }
+    }
+}
+
 /// A command that finishes later.
 pub type Pending = Pin<Box<dyn Future<Output = Answer> + Send + 'static>>;
 

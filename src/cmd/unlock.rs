@@ -6,7 +6,7 @@ use tokio::time::Instant;
 
 use scaled_client::proto::Args;
 
-use super::{marked, required_key, required_token, Answer, CommandError, Reply};
+use super::{answered, required_key, required_token, Answer, CommandError, Reply};
 use crate::daemon::Daemon;
 use crate::store::Step;
 
@@ -17,9 +17,6 @@ pub fn run(
 ) -> Result<Step<Answer>, CommandError> {
     let key = required_key(&mut args)?;
     let token = required_token(&mut args)?;
-    let daemon = daemon.clone();
-    Ok(daemon
-        .store
-        .unlock(&key, &token, now)
-        .map(move |status| marked(&daemon, status, |s| Reply::Status(s, None))))
+    let step = daemon.store.unlock(&key, &token, now);
+    Ok(answered(daemon, step, |s| Reply::Status(s, None)))
 }

@@ -31,15 +31,16 @@ use crate::store::remote::Remote;
 use crate::store::{Step, StoreError};
 
 /// What a LOCK asks of the store, beyond the table's request.
-pub struct LockAsk {
+pub struct LockAsk<'a> {
     /// The lock key.
     pub key: String,
     /// The table's request (connection, owner, lease, auto-renew, try mode).
     pub request: LockRequest,
     /// How long to wait for the grant; `None` in try mode.
     pub wait: Option<Duration>,
-    /// Cancelled at shutdown: a waiting LOCK is answered SHUTTING_DOWN.
-    pub shutdown: Arc<CancellationToken>,
+    /// Cancelled at shutdown: a waiting LOCK is answered SHUTTING_DOWN. Borrowed, and shared only by
+    /// a LOCK that waits: most are granted at once.
+    pub shutdown: &'a Arc<CancellationToken>,
 }
 
 /// The answer to a LOCK a limit of the lock table refused.
@@ -58,7 +59,7 @@ fn refused(key: &str, limit: Limit) -> StoreError {
 /// Takes the lock standalone: the local table's answer, as it always was.
 pub fn local(
     locks: &Arc<LockTable>,
-    ask: LockAsk,
+    ask: LockAsk<'_>,
     now: Instant,
 ) -> Step<Result<Grant, StoreError>> {
     let LockAsk {
@@ -73,6 +74,7 @@ pub fn local(
         Acquire::Refused(limit) => Step::Ready(Err(refused(&key, limit))),
         Acquire::Queued(mut ticket) => {
             let wait = wait.unwrap_or_default();
+            let shutdown = shutdown.clone();
             Step::Later(Box::pin(async move {
                 // Dropping the ticket on any branch but the grant leaves the queue, and gives back a
                 // grant that raced with the timeout.
@@ -93,7 +95,7 @@ pub fn local(
 pub fn remote(
     locks: &Arc<LockTable>,
     remote: &Arc<Remote>,
-    ask: LockAsk,
+    ask: LockAsk<'_>,
     now: Instant,
 ) -> Step<Result<Marked<Grant>, StoreError>> {
     let LockAsk {
@@ -114,6 +116,7 @@ pub fn remote(
     let local = locks.acquire(&key, request, now);
     let locks = locks.clone();
     let remote = remote.clone();
+    let shutdown = shutdown.clone();
     Step::Later(Box::pin(async move {
         let deadline = now + wait.unwrap_or_default();
         let grant = match local {

@@ -269,7 +269,7 @@ impl Store {
     }
 
     /// Takes a lock, waits for it in FIFO order, or refuses at once in try mode.
-    pub fn lock(&self, ask: LockAsk, now: Instant) -> Step<Result<Marked<Grant>, StoreError>> {
+    pub fn lock(&self, ask: LockAsk<'_>, now: Instant) -> Step<Result<Marked<Grant>, StoreError>> {
         match &self.remote {
             None => lock::local(&self.locks, ask, now).map(|r| r.map(Marked::plain)),
             Some(remote) => {
