@@ -194,18 +194,13 @@ where
             && aside.is_none()
             && bufs.inbuf.is_empty()
             && bufs.unwritten() == 0;
-        let deadline = [
-            timeouts.hello.filter(|_| !peer.greeted).map(|t| opened + t),
-            timeouts
-                .frame
-                .zip(frame_began.filter(|_| reading && !held))
-                .map(|(t, at)| at + t),
-            timeouts.write.zip(write_stalled).map(|(t, at)| at + t),
-            timeouts.idle.filter(|_| idle).map(|t| last_active + t),
-        ]
-        .into_iter()
-        .flatten()
-        .min();
+        let hello = timeouts.hello.filter(|_| !peer.greeted).map(|t| opened + t);
+        let frame = (timeouts.frame)
+            .zip(frame_began.filter(|_| reading && !held))
+            .map(|(t, at)| at + t);
+        let write = timeouts.write.zip(write_stalled).map(|(t, at)| at + t);
+        let idle_until = timeouts.idle.filter(|_| idle).map(|t| last_active + t);
+        let deadline = soonest(soonest(hello, frame), soonest(write, idle_until));
         if let Some(at) = deadline {
             if armed.is_none_or(|set| at < set) {
                 timer.as_mut().reset(at);
@@ -371,6 +366,14 @@ async fn try_write<W: AsyncWrite + Unpin>(
         Poll::Pending => Poll::Ready(None),
     })
     .await
+}
+
+/// The sooner of two deadlines, either of which may be absent.
+fn soonest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// The time as a pass of the connection loop first needs it.
