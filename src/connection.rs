@@ -33,6 +33,7 @@
 //! still waiting is cancelled, a slice at a time (see [`crate::retire`]).
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -113,9 +114,11 @@ where
     let mut reading = true;
     // A large frame being decoded on the blocking pool; no further frame is taken until it has run.
     let mut aside: Option<JoinHandle<(Decoded, Instant)>> = None;
-    // Made once: a fresh future per pass would register and unregister with the token every request.
+    // Made once, and polled once (see `shutdown_begun`): that files this task among the token's
+    // waiters for good.
     let shutdown = daemon.shutdown.cancelled();
     tokio::pin!(shutdown);
+    let mut filed = false;
     // One timer for all the deadlines below, moved only when a deadline comes sooner than the one it
     // is set for. Activity only moves deadlines later, so the timer is left alone on a busy
     // connection; when it fires early it finds nothing due and is set again. Setting a timer for
@@ -272,7 +275,7 @@ where
                     }
                 }
             },
-            _ = &mut shutdown, if reading => {
+            () = std::future::poll_fn(|cx| shutdown_begun(cx, &daemon.stopping, shutdown.as_mut(), &mut filed)), if reading => {
                 reading = false;
             }
             // Reading never pauses for requests in flight: that is how the daemon sees a client
@@ -366,6 +369,26 @@ async fn try_write<W: AsyncWrite + Unpin>(
         Poll::Pending => Poll::Ready(None),
     })
     .await
+}
+
+/// Whether shutdown has begun, the cheap way: the token's wait is polled only the first time, which
+/// files this task among its waiters (it is woken when the token is cancelled), and after that only
+/// `stopping`, set before the token is cancelled, is read. Polling the wait on every pass locked the
+/// token's mutex and its waiter list's each time.
+fn shutdown_begun(
+    cx: &mut std::task::Context<'_>,
+    stopping: &AtomicBool,
+    wait: Pin<&mut impl std::future::Future<Output = ()>>,
+    filed: &mut bool,
+) -> Poll<()> {
+    if stopping.load(Ordering::Acquire) {
+        return Poll::Ready(());
+    }
+    if !*filed {
+        *filed = true;
+        return wait.poll(cx);
+    }
+    Poll::Pending
 }
 
 /// The sooner of two deadlines, either of which may be absent.

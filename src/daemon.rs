@@ -1,6 +1,6 @@
 //! The state every connection shares: the cache, the lock table, the meter and the connection counters.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::time::Instant;
@@ -43,8 +43,12 @@ pub struct Daemon {
     /// When the daemon started, for uptime.
     pub started: Instant,
     /// Cancelled when shutdown begins: listeners stop accepting and connections stop reading. Behind
-    /// an `Arc` because every LOCK takes a copy, and cloning the token itself locks a mutex.
+    /// an `Arc` because every LOCK takes a copy, and cloning the token itself locks a mutex. Begin it
+    /// with [`Daemon::begin_shutdown`], which sets `stopping` first.
     pub shutdown: Arc<CancellationToken>,
+    /// Set just before `shutdown` is cancelled: what a connection reads on every pass, where asking
+    /// the token would lock its mutex (see `crate::connection`).
+    pub stopping: AtomicBool,
     /// Who may connect and what each peer may reach. Open to all until [`crate::server::Server::bind`]
     /// sets the rules the configuration asks for.
     pub access: Access,
@@ -89,8 +93,15 @@ impl Daemon {
             connections: ConnectionCounters::default(),
             started,
             shutdown: Arc::new(CancellationToken::new()),
+            stopping: AtomicBool::new(false),
             access: Access::default(),
         })
+    }
+
+    /// Begins shutdown: `stopping` first, so that a connection woken by the token finds it set.
+    pub fn begin_shutdown(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.shutdown.cancel();
     }
 }
 

@@ -60,7 +60,7 @@ fn stop(daemon: &Daemon, notifier: &Notifier, name: &str, number: i32) {
         std::process::exit(128 + number);
     }
     tracing::info!(signal = name, "stop signal received; draining");
-    daemon.shutdown.cancel();
+    daemon.begin_shutdown();
     notifier.send(&format!(
         "STOPPING=1\nSTATUS={}",
         crate::service::status_line(daemon)
