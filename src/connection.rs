@@ -50,14 +50,15 @@ use scaled_client::proto::{
     CommandName, ErrorCode, Request, MAX_FRAME_LEN,
 };
 
-use crate::budget::{Charge, Held, Slot};
+use crate::budget::{Charge, Held};
 use crate::cmd::{self, Answer, CommandError, Outcome, Peer, Reply};
 use crate::config::Config;
 use crate::context::RequestContext;
 use crate::daemon::Daemon;
+use crate::tally::{RemoteCount, WaitCount};
 use crate::throttle::Throttle;
 use crate::throttled_warn;
-use crate::waits::{RemoteCount, Waits};
+use crate::waits::Waits;
 
 /// Bytes each buffer (reading, answers) may hold without charging the daemon-wide budget. Enough for
 /// hundreds of pipelined small requests or answers.
@@ -101,7 +102,8 @@ where
     };
     let timeouts = Timeouts::new(&daemon.config);
     let mut bufs = Buffers::new();
-    let mut waits = Waits::new(&daemon.config);
+    let mut waits = Waits::new(&daemon);
+    peer.tally = Some(waits.tally.clone());
     let opened = Instant::now();
     // The last time the client did something: a request read, or answers taken off the socket.
     let mut last_active = opened;
@@ -665,61 +667,33 @@ fn dispatch_request(
         let _entered = ctx.span.enter();
         cmd::dispatch(daemon, peer, request, now)
     };
-    let pending = match outcome {
+    // What the request holds of the connection's counts while it waits (see `crate::tally`).
+    let (pending, count): (_, (Option<RemoteCount>, Option<WaitCount>)) = match outcome {
         Outcome::Done(result) => return respond(daemon, bufs, &ctx, result),
-        Outcome::Later(pending) => pending,
-        Outcome::Remote(pending) => {
-            // Bounded by the pause at REDIS_MAX_PENDING and by REDIS_RESPONSE_TIMEOUT, not refused.
-            let count = RemoteCount::new(&waits.remote);
-            let span = ctx.span.clone();
-            let handle = waits.set.spawn(
-                async move {
-                    let result = pending.await;
-                    drop((count, charge));
-                    (ctx, result)
-                }
-                .instrument(span),
-            );
-            waits.track(handle);
-            return;
-        }
+        // Bounded by the pause at REDIS_MAX_PENDING and by REDIS_RESPONSE_TIMEOUT, not refused.
+        Outcome::Remote(pending) => (pending, (Some(waits.tally.count_remote()), None)),
+        // Counts itself: a LOCK that begins waiting on Redis and may go on to wait for a holder.
+        Outcome::Counted(pending) => (pending, (None, None)),
+        Outcome::Later(pending) => match waits.tally.admit() {
+            Ok(count) => (pending, (None, Some(count))),
+            Err(message) => {
+                let error = CommandError::new(ErrorCode::Overloaded, message);
+                return respond(daemon, bufs, &ctx, Err(error));
+            }
+        },
     };
-    let max_in_flight = waits.max_in_flight;
-    // Dropping the future undoes it: a queued LOCK leaves its queue.
-    let slot = if waits.in_flight() >= max_in_flight {
-        Err(format!(
-            "{max_in_flight} requests of this connection are already waiting; \
-             retry when some finish, or use another connection"
-        ))
-    } else {
-        Slot::take(&daemon.waiting).ok_or_else(|| {
-            throttled_warn!(
-                REFUSED,
-                "waiting limit (SCALED_MAX_WAITING) reached; refusing a wait"
-            );
-            "the daemon's limit of waiting requests (SCALED_MAX_WAITING) is reached; retry later"
-                .to_string()
-        })
-    };
-    match slot {
-        Err(message) => {
-            let error = CommandError::new(ErrorCode::Overloaded, message);
-            respond(daemon, bufs, &ctx, Err(error));
+    let span = ctx.span.clone();
+    // The counts go back when the future ends, finished or cancelled; dropping the future undoes
+    // it (a queued LOCK leaves its queue).
+    let handle = waits.set.spawn(
+        async move {
+            let result = pending.await;
+            drop((count, charge));
+            (ctx, result)
         }
-        Ok(slot) => {
-            let span = ctx.span.clone();
-            // The slot goes back when the future ends, finished or cancelled.
-            let handle = waits.set.spawn(
-                async move {
-                    let result = pending.await;
-                    drop(slot);
-                    (ctx, result)
-                }
-                .instrument(span),
-            );
-            waits.track(handle);
-        }
-    }
+        .instrument(span),
+    );
+    waits.track(handle);
 }
 
 /// Appends the response to one request, files its time with the meter, and logs it. An answer that

@@ -29,6 +29,8 @@
 //!   times the connection limit cannot exceed what the host can spare.
 //! - [`retire`]: cancels a departing connection's waiting requests a slice at a time.
 //! - [`waits`]: a connection's requests that finish later, and their limits.
+//! - [`tally`]: what those requests count against (SCALED_MAX_IN_FLIGHT, REDIS_MAX_PENDING), held by
+//!   guards the requests own.
 //! - [`rlimit`]: raises the open-file limit so the connection limit, not the kernel, turns clients away.
 //! - [`heap`]: the C allocator's settings, so a mass release never stalls the serving thread.
 //! - [`throttle`]: rate-limited warnings for what a client can cause at will.
@@ -66,5 +68,6 @@ pub mod service;
 pub mod signals;
 pub mod stats;
 pub mod store;
+pub mod tally;
 pub mod throttle;
 pub mod waits;

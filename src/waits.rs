@@ -3,7 +3,6 @@
 //! REDIS_MAX_PENDING, and their cancelling when the connection ends, a slice at a time
 //! ([`crate::retire`]). The connection loop (`src/connection.rs`) owns one [`Waits`].
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use scaled_client::proto::Request;
@@ -13,6 +12,8 @@ use tokio::time::Instant;
 use crate::cmd::Answer;
 use crate::config::Config;
 use crate::context::RequestContext;
+use crate::daemon::Daemon;
+use crate::tally::Tally;
 
 /// What a request that waits is: its context and the answer it finishes with.
 pub(crate) type Waiting = JoinSet<(RequestContext, Answer)>;
@@ -24,11 +25,11 @@ pub(crate) struct Waits {
     /// An abort handle per task of `set` (and some of tasks already ended, swept now and then), so
     /// that a departing connection's waits can be cancelled a slice at a time (see [`crate::retire`]).
     pub(crate) handles: Vec<AbortHandle>,
-    /// How many of them wait only on Redis. Each such request holds a [`RemoteCount`] and drops it
-    /// when it ends, finished or cancelled, so the count stays right whatever ends them.
-    pub(crate) remote: Arc<AtomicUsize>,
-    /// SCALED_MAX_IN_FLIGHT: most requests waiting on other clients or on time.
-    pub(crate) max_in_flight: usize,
+    /// How many of them wait on other clients or on time, and how many only on Redis: each holds a
+    /// guard of its count and drops it when it ends, finished or cancelled, so the counts stay right
+    /// whatever ends them. Shared with the connection's [`crate::cmd::Peer`], for the LOCKs that move
+    /// from one count to the other.
+    pub(crate) tally: Tally,
     /// REDIS_MAX_PENDING: at this many requests waiting on Redis, no new request is taken.
     pub(crate) max_remote: usize,
     /// A SET taken off the connection whose value does not fit REDIS_MAX_PENDING_BYTES yet, and when
@@ -38,12 +39,15 @@ pub(crate) struct Waits {
 }
 
 impl Waits {
-    pub(crate) fn new(config: &Config) -> Waits {
+    pub(crate) fn new(daemon: &Arc<Daemon>) -> Waits {
+        let config: &Config = &daemon.config;
         Waits {
             set: JoinSet::new(),
             handles: Vec::new(),
-            remote: Arc::default(),
-            max_in_flight: usize::try_from(config.max_in_flight).unwrap_or(usize::MAX),
+            tally: Tally::new(
+                usize::try_from(config.max_in_flight).unwrap_or(usize::MAX),
+                daemon.waiting.clone(),
+            ),
             max_remote: usize::try_from(config.redis_max_pending).unwrap_or(usize::MAX),
             parked: None,
         }
@@ -52,14 +56,7 @@ impl Waits {
     /// Whether the connection must take no new request: REDIS_MAX_PENDING requests wait on Redis,
     /// or a SET waits for room in REDIS_MAX_PENDING_BYTES.
     pub(crate) fn paused(&self) -> bool {
-        self.parked.is_some() || self.remote.load(Ordering::Acquire) >= self.max_remote
-    }
-
-    /// Requests waiting on other clients or on time: what SCALED_MAX_IN_FLIGHT bounds.
-    pub(crate) fn in_flight(&self) -> usize {
-        self.set
-            .len()
-            .saturating_sub(self.remote.load(Ordering::Acquire))
+        self.parked.is_some() || self.tally.remote() >= self.max_remote
     }
 
     /// The value bytes of the parked SET (0 without one).
@@ -96,21 +93,5 @@ impl Waits {
 impl Drop for Waits {
     fn drop(&mut self) {
         self.abort_all();
-    }
-}
-
-/// One request waiting on Redis, counted in its connection's [`Waits::remote`] while it lives.
-pub(crate) struct RemoteCount(Arc<AtomicUsize>);
-
-impl RemoteCount {
-    pub(crate) fn new(count: &Arc<AtomicUsize>) -> RemoteCount {
-        count.fetch_add(1, Ordering::AcqRel);
-        RemoteCount(count.clone())
-    }
-}
-
-impl Drop for RemoteCount {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }

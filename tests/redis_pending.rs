@@ -1,7 +1,7 @@
 //! Requests waiting on Redis (proto-spec.md, "Requests waiting on Redis"): they never count toward
-//! SCALED_MAX_IN_FLIGHT, a connection at REDIS_MAX_PENDING of them pauses instead of refusing, and the
-//! values of SETs waiting on Redis stay within REDIS_MAX_PENDING_BYTES. Against a real
-//! `redis-server` each test starts.
+//! SCALED_MAX_IN_FLIGHT (a LOCK only until it waits for another daemon's holder), a connection at
+//! REDIS_MAX_PENDING of them pauses instead of refusing, and the values of SETs waiting on Redis stay
+//! within REDIS_MAX_PENDING_BYTES. Against a real `redis-server` each test starts.
 
 mod common;
 
@@ -182,4 +182,98 @@ async fn values_waiting_on_redis_stay_within_redis_max_pending_bytes() {
         grown >> 20,
         SETS as usize * VALUE / 1_000_000
     );
+}
+
+/// A LOCK on `key` with id `id`, waiting at most `wait_ms`, 60 s lease.
+fn lock_request(id: u64, key: &str, wait_ms: u64) -> Request {
+    Request {
+        args: Args {
+            key: Some(key.into()),
+            ttl_ms: Some(60_000),
+            wait_ms: Some(wait_ms),
+            ..Args::default()
+        },
+        ..Request::new(id, CommandName::Lock)
+    }
+}
+
+/// Whether a response is an error with this code.
+fn is_error(r: &Response, code: &str) -> bool {
+    r.err.as_ref().is_some_and(|e| e.code == code)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_locks_on_free_locks_is_not_refused_by_the_in_flight_limit() {
+    // A LOCK whose lock is free on its daemon waits only on Redis: like a SET, it does not count
+    // toward SCALED_MAX_IN_FLIGHT, however many a connection sends at once.
+    let redis = RedisServer::start();
+    let group = daemon(&redis, &["--max-in-flight", "2"]).await;
+    let mut conn = group.host(0).raw().await;
+    const LOCKS: u64 = 500;
+    let mut burst = Vec::new();
+    for i in 1..=LOCKS {
+        push_frame(
+            &mut burst,
+            &lock_request(i, &format!("free{i}"), 5_000).to_msgpack(),
+        );
+    }
+    conn.send_bytes(&burst).await;
+    let mut granted = 0;
+    for _ in 0..LOCKS {
+        let r = conn.recv().await.expect("an answer to every LOCK");
+        assert!(r.err.is_none(), "LOCK {} refused: {:?}", r.id, r.err);
+        granted += 1;
+    }
+    assert_eq!(granted, LOCKS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_waiting_for_another_daemons_holder_counts_toward_the_in_flight_limit() {
+    // Past its Redis step, a LOCK that must wait for a holder on another daemon waits on another
+    // client: it needs room under SCALED_MAX_IN_FLIGHT like a LOCK queued on its own daemon, and is
+    // refused OVERLOADED without it, so the connection is never paused by waits on other clients.
+    let redis = RedisServer::start();
+    let group = DaemonGroup::start_available(&redis, 2, &["--max-in-flight", "2"]).await;
+    let holder = group.host(0).client().await;
+    let mut guards = Vec::new();
+    for key in ["a", "b", "c"] {
+        let options = scaled_client::LockOptions {
+            ttl: Some(Duration::from_secs(60)),
+            ..scaled_client::LockOptions::default()
+        };
+        guards.push(
+            holder
+                .lock(key, options)
+                .await
+                .expect("LOCK on the first daemon"),
+        );
+    }
+    let mut conn = group.host(1).raw().await;
+    let mut burst = Vec::new();
+    for (id, key) in [(1, "a"), (2, "b"), (3, "c")] {
+        push_frame(&mut burst, &lock_request(id, key, 30_000).to_msgpack());
+    }
+    conn.send_bytes(&burst).await;
+    // Two wait for the holder; the third finds no room and is answered while they wait.
+    let refused = conn.recv().await.expect("an answer while two LOCKs wait");
+    assert!(
+        is_error(&refused, "OVERLOADED"),
+        "expected one LOCK refused OVERLOADED, got {refused:?}"
+    );
+    // The connection still reads while they wait: a PING is answered.
+    conn.request(&Request::new(9, CommandName::Ping)).await;
+    let pong = conn.recv().await.expect("PING answered");
+    assert_eq!((pong.id, pong.err.is_none()), (9, true), "{pong:?}");
+    for guard in guards {
+        guard.unlock().await.expect("UNLOCK");
+    }
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let r = conn.recv().await.expect("a grant once the holder lets go");
+        assert!(r.err.is_none(), "LOCK {}: {:?}", r.id, r.err);
+        ids.push(r.id);
+    }
+    ids.push(refused.id);
+    ids.sort_unstable();
+    assert_eq!(ids, vec![1, 2, 3], "each LOCK answered once");
 }

@@ -42,6 +42,7 @@ pub fn run(daemon: &Arc<Daemon>, peer: &Peer, mut args: Args, now: Instant) -> O
         request,
         wait,
         shutdown: &daemon.shutdown,
+        tally: peer.tally.as_ref(),
     };
     answered(daemon, daemon.store.lock(ask, now), Reply::Grant).into()
 }

@@ -31,6 +31,7 @@ use crate::daemon::Daemon;
 use crate::locks::{Grant, Status};
 use crate::store::degraded::Marked;
 use crate::store::{Step, StoreError};
+use crate::tally::Tally;
 
 /// A successful answer, written as the response's `ok` value.
 #[derive(Debug, Clone, PartialEq)]
@@ -222,6 +223,9 @@ pub enum Outcome {
     /// Answered when the future completes; waits only on Redis, so it counts toward
     /// REDIS_MAX_PENDING instead.
     Remote(Pending),
+    /// Answered when the future completes, which holds its own counts of the connection's
+    /// [`Tally`]: a LOCK whose Redis step may turn into a wait for another daemon's holder.
+    Counted(Pending),
 }
 
 impl Outcome {
@@ -249,6 +253,7 @@ impl From<Step<Answer>> for Outcome {
             Step::Ready(a) => Outcome::Done(a),
             Step::Later(pending) => Outcome::Later(pending),
             Step::Remote(pending) => Outcome::Remote(pending),
+            Step::Counted(pending) => Outcome::Counted(pending),
         }
     }
 }
@@ -309,6 +314,10 @@ pub struct Peer {
     pub scope: Scope,
     /// Set when access control refused its HELLO: the connection reads nothing more and closes.
     pub denied: bool,
+    /// The counts its waiting requests are held to; set by the connection that serves it (`None`:
+    /// no connection, as when a request is run on its own, and every wait is counted by whoever
+    /// runs it).
+    pub tally: Option<Tally>,
 }
 
 impl Peer {
@@ -329,6 +338,7 @@ impl Peer {
             origin,
             scope,
             denied: false,
+            tally: None,
         }
     }
 }
@@ -399,6 +409,9 @@ fn unprefixed(ns: Arc<Namespace>, outcome: Outcome) -> Outcome {
         }
         Outcome::Remote(pending) => {
             Outcome::Remote(Box::pin(async move { leave(&ns, pending.await) }))
+        }
+        Outcome::Counted(pending) => {
+            Outcome::Counted(Box::pin(async move { leave(&ns, pending.await) }))
         }
     }
 }

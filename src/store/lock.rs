@@ -29,6 +29,7 @@ use crate::redis::LinkError;
 use crate::store::degraded::{LocalGrant, Marked};
 use crate::store::remote::Remote;
 use crate::store::{Step, StoreError};
+use crate::tally::{RemoteCount, Tally, WaitCount};
 
 /// What a LOCK asks of the store, beyond the table's request.
 pub struct LockAsk<'a> {
@@ -41,6 +42,9 @@ pub struct LockAsk<'a> {
     /// Cancelled at shutdown: a waiting LOCK is answered SHUTTING_DOWN. Borrowed, and shared only by
     /// a LOCK that waits: most are granted at once.
     pub shutdown: &'a Arc<CancellationToken>,
+    /// The counts of the connection it came on, for a LOCK that waits on Redis (see
+    /// [`crate::tally`]); `None` counts it as waiting on other clients throughout.
+    pub tally: Option<&'a Tally>,
 }
 
 /// The answer to a LOCK a limit of the lock table refused.
@@ -67,6 +71,7 @@ pub fn local(
         request,
         wait,
         shutdown,
+        tally: _,
     } = ask;
     match locks.acquire(&key, request, now) {
         Acquire::Granted(grant) => Step::Ready(Ok(grant)),
@@ -103,6 +108,7 @@ pub fn remote(
         mut request,
         wait,
         shutdown,
+        tally,
     } = ask;
     let lease = request.lease;
     // The local grant only makes this request the host's candidate; its lease proper starts when
@@ -114,10 +120,22 @@ pub fn remote(
     let try_only = request.try_only;
     let auto_renew = request.auto_renew;
     let local = locks.acquire(&key, request, now);
+    // A LOCK whose lock is free on this daemon waits only on Redis, until Redis says another
+    // daemon holds the lock and it is to wait for that holder (proto-spec.md, "Requests waiting on
+    // Redis"). One queued here waits on other clients from the start, and the connection counts it.
+    let mut phase = match (&local, tally) {
+        (Acquire::Granted(_), Some(tally)) => Some(Phase {
+            remote: Some(tally.count_remote()),
+            tally: tally.clone(),
+            waiting: None,
+        }),
+        _ => None,
+    };
+    let counted = phase.is_some();
     let locks = locks.clone();
     let remote = remote.clone();
     let shutdown = shutdown.clone();
-    Step::Later(Box::pin(async move {
+    let lock = Box::pin(async move {
         let deadline = now + wait.unwrap_or_default();
         let grant = match local {
             Acquire::Granted(grant) => grant,
@@ -144,7 +162,7 @@ pub fn remote(
             confirmed: false,
         };
         let outcome = candidate
-            .confirm(try_only, deadline, wait, &shutdown, &alive)
+            .confirm(try_only, deadline, wait, &shutdown, &alive, &mut phase)
             .await;
         let degraded = match outcome {
             Ok(()) => {
@@ -173,7 +191,34 @@ pub fn remote(
             value: grant,
             degraded,
         })
-    }))
+    });
+    if counted {
+        Step::Counted(lock)
+    } else {
+        Step::Later(lock)
+    }
+}
+
+/// Which of its connection's counts a LOCK that began with its lock free on this daemon holds.
+struct Phase {
+    tally: Tally,
+    /// Held during the Redis step.
+    remote: Option<RemoteCount>,
+    /// Held once it waits for another daemon's holder.
+    waiting: Option<WaitCount>,
+}
+
+impl Phase {
+    /// The LOCK is to wait for another daemon's holder: it now waits on another client, so it needs
+    /// room under SCALED_MAX_IN_FLIGHT and a daemon-wide slot, as a LOCK queued here would, and is
+    /// refused `OVERLOADED` without them.
+    fn wait_for_holder(&mut self) -> Result<(), StoreError> {
+        if self.waiting.is_none() {
+            self.waiting = Some(self.tally.admit().map_err(StoreError::Overloaded)?);
+            self.remote = None;
+        }
+        Ok(())
+    }
 }
 
 /// Keeps an auto-renew lock in Redis for as long as the local table says its holder holds it,
@@ -288,6 +333,7 @@ impl Candidate {
         wait: Option<Duration>,
         shutdown: &CancellationToken,
         alive: &CancellationToken,
+        phase: &mut Option<Phase>,
     ) -> Result<(), StoreError> {
         let redis_lease = Remote::redis_lease(self.lease);
         // The release watch starts after the first refusal, not before the first try: an
@@ -341,6 +387,9 @@ impl Candidate {
             };
             if try_only {
                 return Err(StoreError::Locked(self.key.clone()));
+            }
+            if let Some(phase) = phase.as_mut() {
+                phase.wait_for_holder()?;
             }
             if !watching {
                 // Held: watch for its release, then ask once more at once (it may have been

@@ -55,6 +55,10 @@ pub enum Step<T> {
     /// Finishes later, waiting only on Redis round trips (each bounded by REDIS_RESPONSE_TIMEOUT):
     /// counted apart, under REDIS_MAX_PENDING (proto-spec.md, "Requests waiting on Redis").
     Remote(Pin<Box<dyn Future<Output = T> + Send + 'static>>),
+    /// Finishes later, and holds its own counts of the connection's [`crate::tally::Tally`]: a LOCK
+    /// whose lock is free on this daemon waits on Redis, and goes on to wait for another daemon's
+    /// holder only if it gets room under SCALED_MAX_IN_FLIGHT.
+    Counted(Pin<Box<dyn Future<Output = T> + Send + 'static>>),
 }
 
 impl<T: Send + 'static> Step<T> {
@@ -64,6 +68,7 @@ impl<T: Send + 'static> Step<T> {
             Step::Ready(t) => Step::Ready(f(t)),
             Step::Later(fut) => Step::Later(Box::pin(async move { f(fut.await) })),
             Step::Remote(fut) => Step::Remote(Box::pin(async move { f(fut.await) })),
+            Step::Counted(fut) => Step::Counted(Box::pin(async move { f(fut.await) })),
         }
     }
 }

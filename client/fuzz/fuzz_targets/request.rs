@@ -36,7 +36,7 @@ fuzz_target!(|data: &[u8]| {
         );
         let answer = match dispatch(&daemon, &mut peer, request, now) {
             Outcome::Done(answer) => Some(answer),
-            Outcome::Later(pending) | Outcome::Remote(pending) => {
+            Outcome::Later(pending) | Outcome::Remote(pending) | Outcome::Counted(pending) => {
                 tokio::time::timeout(Duration::ZERO, pending).await.ok()
             }
         };
