@@ -8,10 +8,9 @@
 //!   this daemon granted from its own table while Redis was away ([`LocalGrant`]), which UNLOCK and
 //!   EXTEND act on locally until they are adopted into Redis; and the owner tokens of locks that were
 //!   lost without their holder letting go, which UNLOCK and EXTEND answer `LOCK_LOST`.
-//! - [`watch`]: a task that follows the link's health. Each change updates the clock; each return of
-//!   Redis adopts the local grants with the adopt script (same owner token, same fence). The link has
-//!   already raised Redis's fence floor to this daemon's highest token before it reports up, so every
-//!   token Redis issues afterwards is above every token issued while degraded.
+//!
+//! How the daemon comes back when Redis does is [`crate::store::recovery`]'s: it adopts the local
+//! grants kept here.
 //!
 //! Bounds: local grants are locks held in the local table (bounded by it, one per held lock); lost
 //! tokens are kept [`LOST_PER_LOCK`] per lock for at most [`MAX_LOST_LOCKS`] locks, the oldest lock
@@ -19,7 +18,6 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use hashbrown::HashMap;
@@ -27,12 +25,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use crate::locks::LockTable;
-use crate::redis::scripts::Adopt;
 use crate::redis::Health;
-use crate::store::lock::renew;
-use crate::store::remote::Remote;
-use crate::store::Store;
-use scaled_client::answers::RedisStats;
 
 /// Lost owner tokens remembered per lock, like the expired ones of the lock table.
 pub const LOST_PER_LOCK: usize = 8;
@@ -40,9 +33,6 @@ pub const LOST_PER_LOCK: usize = 8;
 /// Most locks whose lost tokens are remembered; past it the lock that lost one first is forgotten
 /// (its tokens then answer as any unknown token does).
 pub const MAX_LOST_LOCKS: usize = 65_536;
-
-/// How long adoption waits for the releases queued while Redis was away.
-const ADOPT_AFTER_RELEASES: Duration = Duration::from_secs(5);
 
 /// A store result, and whether it was made without Redis while Redis is configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,7 +125,7 @@ impl Degraded {
     }
 
     /// Follows a change of health.
-    fn health_changed(&self, health: Health, now: Instant) {
+    pub(super) fn health_changed(&self, health: Health, now: Instant) {
         let mut clock = self.clock.lock();
         match (health, clock.down_since) {
             (Health::Down, None) => clock.down_since = Some(now),
@@ -185,6 +175,15 @@ impl Degraded {
         self.local.lock().len()
     }
 
+    /// A copy of those grants, (lock, owner token) and grant, for adoption to go through.
+    pub(super) fn local_grants_now(&self) -> Vec<((String, String), LocalGrant)> {
+        self.local
+            .lock()
+            .iter()
+            .map(|(k, g)| (k.clone(), *g))
+            .collect()
+    }
+
     /// Whether `token` held `lock` and lost it.
     pub fn is_lost(&self, lock: &str, token: &str) -> bool {
         self.lost
@@ -228,123 +227,6 @@ impl Degraded {
         self.locks_lost.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(lock, reason = why, "a lock was lost");
         locks.release(lock, token, Instant::now());
-    }
-}
-
-impl Store {
-    /// STATS `redis`, as of `now`.
-    pub fn redis_stats(&self, now: Instant) -> RedisStats {
-        let Some(remote) = &self.remote else {
-            return RedisStats::default();
-        };
-        let link = remote.link.stats();
-        let coherent = &remote.coherent.counters;
-        let flights = &self.chains.flights;
-        let hits = coherent.hits.load(Ordering::Relaxed);
-        let shared = flights.joined.load(Ordering::Relaxed);
-        RedisStats {
-            configured: true,
-            available: remote.available(),
-            degraded_seconds: remote.degraded.unavailable_for(now).as_secs_f64(),
-            round_trips: link.round_trips,
-            unavailable: link.unavailable,
-            connects: link.connects,
-            corruptions: remote.counters.corrupted.load(Ordering::Relaxed),
-            renewals_failed: remote.counters.renewals_failed.load(Ordering::Relaxed),
-            locks_lost: remote.degraded.locks_lost(),
-            releases_pending: remote.releaser.pending() as u64,
-            cache_hits: hits,
-            degraded_hits: coherent.degraded_hits.load(Ordering::Relaxed),
-            reads: flights.started.load(Ordering::Relaxed),
-            reads_shared: shared,
-            reads_saved: hits + shared,
-            fills_dropped: coherent.fills_dropped.load(Ordering::Relaxed),
-            invalidations: coherent.invalidations.load(Ordering::Relaxed),
-            flushes: coherent.flushes.load(Ordering::Relaxed),
-        }
-    }
-}
-
-/// Follows the link's health until it is closed: keeps the clock, and adopts the local grants each
-/// time Redis is back.
-pub async fn watch(remote: Arc<Remote>, locks: Arc<LockTable>) {
-    let mut health = remote.link.watch_health();
-    let closed = remote.link.closed().clone();
-    loop {
-        let now = *health.borrow_and_update();
-        remote.degraded.health_changed(now, Instant::now());
-        if now == Health::Up {
-            adopt_all(&remote, &locks).await;
-        }
-        tokio::select! {
-            changed = health.changed() => if changed.is_err() { return },
-            _ = closed.cancelled() => return,
-        }
-    }
-}
-
-/// Takes every local grant into Redis with its own owner token and fence. One that Redis granted
-/// to someone since, or that someone holds there now, is lost. Stops at the first sign that Redis is
-/// gone again; the next return tries the rest.
-async fn adopt_all(remote: &Arc<Remote>, locks: &Arc<LockTable>) {
-    if remote.degraded.local_grants() == 0 {
-        return;
-    }
-    // Releases made while Redis was away go first: a lock held in Redis before the outage and
-    // released locally during it is still held there by its old token until its release lands, and
-    // adopting before that would find that token and lose the newer local grant.
-    if !remote.releaser.drain(ADOPT_AFTER_RELEASES).await {
-        tracing::warn!("releases made while Redis was away are not done; adopting anyway");
-    }
-    let grants: Vec<((String, String), LocalGrant)> = remote
-        .degraded
-        .local
-        .lock()
-        .iter()
-        .map(|(k, g)| (k.clone(), *g))
-        .collect();
-    for ((lock, token), grant) in grants {
-        if !locks.holds(&lock, &token) {
-            // Released or expired meanwhile (UNLOCK forgets it; an expiry does not).
-            remote.degraded.forget_local(&lock, &token);
-            continue;
-        }
-        let adopted = remote
-            .link
-            .adopt(&lock, &token, Remote::redis_lease(grant.lease), grant.fence)
-            .await;
-        match adopted {
-            Ok(Adopt::Adopted { seq }) => {
-                remote.coherent.raise_barrier(seq);
-                if !remote.degraded.forget_local(&lock, &token) || !locks.holds(&lock, &token) {
-                    // Released while the adopt ran: let it go in Redis too.
-                    remote.release_later(lock, token, grant.lease);
-                } else if grant.auto_renew {
-                    tokio::spawn(renew(
-                        locks.clone(),
-                        remote.clone(),
-                        lock,
-                        token,
-                        grant.lease,
-                    ));
-                }
-            }
-            Ok(Adopt::Superseded { newest }) => remote.degraded.lose(
-                locks,
-                &lock,
-                &token,
-                &format!("another daemon was granted it while Redis was away (fence {newest})"),
-            ),
-            Ok(Adopt::OtherHolder) => {
-                remote
-                    .degraded
-                    .lose(locks, &lock, &token, "another daemon holds it in Redis")
-            }
-            Err(e) if e.is_unavailable() => return,
-            Err(e) => {
-                tracing::warn!(lock, error = %e, "adopting a lock granted while degraded failed");
-            }
-        }
     }
 }
 

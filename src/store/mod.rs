@@ -13,10 +13,11 @@
 //!
 //! - [`chain`]: per-key order of the requests that wait on Redis.
 //! - [`coherent`]: the local cache in front of Redis, and what of it GET may answer.
-//! - [`degraded`]: degraded mode (Redis configured but unreachable), lost locks, and adoption.
+//! - [`degraded`]: degraded mode (Redis configured but unreachable): its state, local grants, lost locks.
 //! - [`flight`]: single flight, concurrent GETs of a key sharing one Redis read.
 //! - [`lock`]: LOCK, standalone and in two phases with Redis.
 //! - [`remote`]: the Redis tier (write-through, reads, the link's helpers).
+//! - [`recovery`]: coming back when Redis does: the health watch, and adoption of local grants.
 //! - [`release`]: the background releaser for releases seen where nobody can await Redis.
 
 pub mod chain;
@@ -24,6 +25,7 @@ pub mod coherent;
 pub mod degraded;
 pub mod flight;
 pub mod lock;
+pub mod recovery;
 pub mod release;
 pub mod remote;
 
@@ -139,7 +141,7 @@ impl Store {
     pub fn new(cache: Arc<SessionCache>, locks: Arc<LockTable>, remote: Option<Remote>) -> Store {
         let remote = remote.map(Arc::new);
         if let Some(remote) = &remote {
-            tokio::spawn(degraded::watch(remote.clone(), locks.clone()));
+            tokio::spawn(recovery::watch(remote.clone(), locks.clone()));
         }
         Store {
             cache,

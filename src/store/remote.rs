@@ -23,7 +23,8 @@ use crate::redis::{Health, Link, LinkError, RedisSettings};
 use crate::store::coherent::{self, Coherent, Watch};
 use crate::store::degraded::Degraded;
 use crate::store::release::Releaser;
-use crate::store::StoreError;
+use crate::store::{Store, StoreError};
+use scaled_client::answers::RedisStats;
 
 /// Most locks whose releases this daemon watches at once (one head waiter per contended lock); past
 /// it a waiter relies on its retry timer alone.
@@ -192,4 +193,38 @@ fn fenced(fence: Option<(String, u64)>, newest: Option<u64>) -> StoreError {
         token,
         newest: newest.unwrap_or(0),
     })
+}
+
+impl Store {
+    /// STATS `redis`, as of `now`.
+    pub fn redis_stats(&self, now: Instant) -> RedisStats {
+        let Some(remote) = &self.remote else {
+            return RedisStats::default();
+        };
+        let link = remote.link.stats();
+        let coherent = &remote.coherent.counters;
+        let flights = &self.chains.flights;
+        let hits = coherent.hits.load(Ordering::Relaxed);
+        let shared = flights.joined.load(Ordering::Relaxed);
+        RedisStats {
+            configured: true,
+            available: remote.available(),
+            degraded_seconds: remote.degraded.unavailable_for(now).as_secs_f64(),
+            round_trips: link.round_trips,
+            unavailable: link.unavailable,
+            connects: link.connects,
+            corruptions: remote.counters.corrupted.load(Ordering::Relaxed),
+            renewals_failed: remote.counters.renewals_failed.load(Ordering::Relaxed),
+            locks_lost: remote.degraded.locks_lost(),
+            releases_pending: remote.releaser.pending() as u64,
+            cache_hits: hits,
+            degraded_hits: coherent.degraded_hits.load(Ordering::Relaxed),
+            reads: flights.started.load(Ordering::Relaxed),
+            reads_shared: shared,
+            reads_saved: hits + shared,
+            fills_dropped: coherent.fills_dropped.load(Ordering::Relaxed),
+            invalidations: coherent.invalidations.load(Ordering::Relaxed),
+            flushes: coherent.flushes.load(Ordering::Relaxed),
+        }
+    }
 }
