@@ -44,10 +44,11 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use scaled_client::decode_request;
 use scaled_client::frame::{begin_frame, finish_frame, missing, take_frame};
 use scaled_client::proto::{
-    decode_request, write_degraded_response_head, write_err, write_ok_key, write_response_head,
-    CommandName, ErrorCode, Request, MAX_FRAME_LEN,
+    write_degraded_response_head, write_err, write_ok_key, write_response_head, CommandName,
+    ErrorCode, Request, MAX_FRAME_LEN,
 };
 
 use crate::budget::{Charge, Held};

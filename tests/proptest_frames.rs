@@ -26,10 +26,10 @@ use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRu
 use tokio::io::AsyncWriteExt;
 
 use common::{RawConn, TestDaemon};
+use scaled_client::decode_request;
 use scaled_client::frame::{push_frame, take_frame};
 use scaled_client::proto::{
-    decode_request, CommandName, Request, Response, MAX_CLIENT_NAME_LEN, MAX_FRAME_LEN,
-    PROTOCOL_VERSION,
+    CommandName, Request, Response, MAX_CLIENT_NAME_LEN, MAX_FRAME_LEN, PROTOCOL_VERSION,
 };
 
 /// How many streams one run sends: enough to reach every mutation many times, few enough that the

@@ -31,11 +31,12 @@ use scaled::locks::{
     DEFAULT_MAX_WAITERS, FENCE_RETENTION,
 };
 use scaled_client::answers::Welcome;
+use scaled_client::decode_request;
 use scaled_client::frame::{begin_frame, finish_frame, push_frame, take_frame, LEN_PREFIX};
 use scaled_client::proto::{
-    decode_request, write_degraded_response_head, write_err, write_ok_key, write_response_head,
-    Args, CommandName, ErrorCode, Fence, Request, Response, WireError, MAX_CLIENT_NAME_LEN,
-    MAX_FRAME_LEN, MAX_KEY_LEN, MAX_PING_DELAY_MS, MAX_VALUE_LEN, PROTOCOL_VERSION,
+    write_degraded_response_head, write_err, write_ok_key, write_response_head, Args, CommandName,
+    ErrorCode, Fence, Request, Response, WireError, MAX_CLIENT_NAME_LEN, MAX_FRAME_LEN,
+    MAX_KEY_LEN, MAX_PING_DELAY_MS, MAX_VALUE_LEN, PROTOCOL_VERSION,
 };
 
 use common::{RawConn, TestDaemon, STARTUP_LIMIT};

@@ -480,7 +480,7 @@ mod tests {
             "s1",
             "u1",
         );
-        let request = scaled_client::proto::decode_request(&out[4..]).expect("decodes");
+        let request = scaled_client::decode_request(&out[4..]).expect("decodes");
         assert_eq!(request.id, 7);
         assert_eq!(request.cmd, CommandName::Set);
         assert_eq!(request.args.value.as_deref(), Some(&b"state"[..]));
@@ -500,7 +500,7 @@ mod tests {
         .with_key_slot();
         let mut out = Vec::new();
         get.push_key(&mut out, 3, 999_999);
-        let request = scaled_client::proto::decode_request(&out[4..]).expect("decodes");
+        let request = scaled_client::decode_request(&out[4..]).expect("decodes");
         assert_eq!(request.args.key, Some(key(999_999)));
         assert_eq!(request.id, 3);
     }

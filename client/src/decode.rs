@@ -302,6 +302,12 @@ const ARGS: &[&str] = &[
     "after",
 ];
 
+/// Decodes a frame body into a request. On failure it returns the id, if one could be read, so the
+/// error can still be matched to its caller, and a message saying what was wrong.
+pub fn decode_request(body: &[u8]) -> Result<Request, (u64, String)> {
+    request(body).map_err(|e| (id_of(body), e.to_string()))
+}
+
 /// Decodes one request envelope from a whole frame body.
 pub(crate) fn request(body: &[u8]) -> Result<Request, Malformed> {
     let mut r = Reader { buf: body };

@@ -30,6 +30,7 @@ pub mod proto;
 
 pub use answers::{Grant, LockInfo, LocksPage, Stats, Welcome};
 pub use client::{Client, ClientBuilder, Endpoint};
+pub use decode::decode_request;
 pub use error::{Error, Result};
 pub use lock::{LockGuard, LockOptions, LockStatus};
 pub use proto::{ErrorCode, MAX_FRAME_LEN, MAX_KEY_LEN, MAX_VALUE_LEN, PROTOCOL_VERSION};

@@ -197,12 +197,6 @@ impl Request {
     }
 }
 
-/// Decodes a frame body into a request. On failure it returns the id, if one could be read, so the
-/// error can still be matched to its caller, and a message saying what was wrong.
-pub fn decode_request(body: &[u8]) -> Result<Request, (u64, String)> {
-    crate::decode::request(body).map_err(|e| (crate::decode::id_of(body), e.to_string()))
-}
-
 /// The closed list of error codes a response may carry. On the wire each is its upper-case name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ErrorCode {

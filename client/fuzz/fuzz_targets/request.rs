@@ -12,7 +12,7 @@ use libfuzzer_sys::fuzz_target;
 use scaled::cmd::{dispatch, Outcome, Peer};
 use scaled::connection::write_answer;
 use scaled::context::RequestContext;
-use scaled_client::proto::decode_request;
+use scaled_client::decode_request;
 use scaled_fuzz::{check_answers, daemon, runtime};
 use tokio::time::Instant;
 
