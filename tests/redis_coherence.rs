@@ -194,7 +194,15 @@ async fn session_touches(
         ..Touches::default()
     };
     for s in 0..sessions {
+        // Read under the session's lock: outside it, this daemon may still answer its own cached
+        // copy until the last writer's invalidation reaches it (the invalidation window), which
+        // would count as lost updates that are not.
+        let guard = reader
+            .lock(&format!("session:{s}"), options.clone())
+            .await
+            .expect("LOCK to read the final state");
         let left = count(reader.get(&format!("state:{s}")).await.expect("GET"));
+        assert_eq!(guard.unlock().await.expect("UNLOCK"), LockStatus::Ok);
         touches.lost_updates += each.saturating_sub(left);
     }
     touches

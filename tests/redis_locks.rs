@@ -128,11 +128,18 @@ async fn increments(
     for t in tasks {
         t.await.expect("worker");
     }
+    // Read under each counter's lock: outside it, the first daemon may still answer its own cached
+    // copy until the last writer's invalidation reaches it (the invalidation window).
     let mut finals = Vec::new();
     for k in 0..keys {
+        let guard = clients[0]
+            .lock(&format!("lock:{k}"), lock_options())
+            .await
+            .expect("LOCK to read the final count");
         finals.push(counter(
             clients[0].get(&format!("counter:{k}")).await.expect("GET"),
         ));
+        assert_eq!(guard.unlock().await.expect("UNLOCK"), LockStatus::Ok);
     }
     let seen = std::mem::take(&mut *seen.lock().await);
     (finals, seen)
@@ -198,6 +205,7 @@ async fn a_write_on_one_daemon_is_read_on_another_and_a_grant_there_fences_the_o
     // B waits for A's lease to end (in Redis too), and is granted with a newer fence.
     let new = c[1].lock("s", lock_options()).await.expect("LOCK on B");
     assert!(new.fence() > old.fence());
+    let new_fence = new.fence();
     let stale = c[0]
         .set_fenced("k", b"stale", None, &old.write_fence())
         .await;
@@ -208,10 +216,20 @@ async fn a_write_on_one_daemon_is_read_on_another_and_a_grant_there_fences_the_o
     c[1].set_fenced("k", b"fresh", None, &new.write_fence())
         .await
         .expect("the holder's write");
+    // A has its own SET of `k` cached. Outside a lock it may answer that copy until B's
+    // invalidation reaches it (the invalidation window, proto-spec.md); under a lock granted on A
+    // after B let go, never: the grant's read barrier waits for B's write.
+    assert_eq!(new.unlock().await.expect("UNLOCK on B"), LockStatus::Ok);
+    let again = c[0]
+        .lock("s", lock_options())
+        .await
+        .expect("LOCK on A again");
+    assert!(again.fence() > new_fence);
     assert_eq!(
-        c[0].get("k").await.expect("GET").as_deref(),
+        c[0].get("k").await.expect("GET under the lock").as_deref(),
         Some(&b"fresh"[..])
     );
+    assert_eq!(again.unlock().await.expect("UNLOCK"), LockStatus::Ok);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
