@@ -165,18 +165,17 @@ where
             // Most answers go out at once: writing them here, rather than in the select below,
             // saves every request a pass through it. What the socket does not take now, the
             // select's write arm waits to write.
-            match try_write(&mut writer, &bufs.out[bufs.written..]).await {
-                None => {}
-                Some(Ok(0) | Err(_)) => {
+            if let Some(written) = try_write(&mut writer, &bufs.out[bufs.written..]).await {
+                let now = || clock.now();
+                if !took(
+                    written,
+                    &mut bufs,
+                    &mut write_stalled,
+                    &mut last_active,
+                    now,
+                ) {
                     tracing::debug!(conn = conn_id, "write failed; closing");
                     return;
-                }
-                Some(Ok(n)) => {
-                    bufs.wrote(n);
-                    write_stalled = None;
-                    if bufs.unwritten() == 0 {
-                        last_active = clock.now();
-                    }
                 }
             }
         }
@@ -263,21 +262,12 @@ where
                     }
                 }
             }
-            written = writer.write(&bufs.out[bufs.written..]), if bufs.unwritten() > 0 => match written {
-                Ok(0) | Err(_) => {
+            written = writer.write(&bufs.out[bufs.written..]), if bufs.unwritten() > 0 => {
+                if !took(written, &mut bufs, &mut write_stalled, &mut last_active, Instant::now) {
                     tracing::debug!(conn = conn_id, "write failed; closing");
                     return;
                 }
-                Ok(n) => {
-                    bufs.wrote(n);
-                    write_stalled = None;
-                    // Only an empty buffer lets the connection go idle, so only then does the
-                    // time of the client's last read matter.
-                    if bufs.unwritten() == 0 {
-                        last_active = Instant::now();
-                    }
-                }
-            },
+            }
             () = std::future::poll_fn(|cx| shutdown_begun(cx, &daemon.stopping, shutdown.as_mut(), &mut filed)), if reading => {
                 reading = false;
             }
@@ -372,6 +362,29 @@ async fn try_write<W: AsyncWrite + Unpin>(
         Poll::Pending => Poll::Ready(None),
     })
     .await
+}
+
+/// Takes in what a write did; false when it failed (or wrote nothing) and the connection must end.
+/// Progress restarts the write timeout. Only an empty buffer lets the connection go idle, so only
+/// then is the time (`now`) of the client's last read worth taking.
+fn took(
+    written: std::io::Result<usize>,
+    bufs: &mut Buffers,
+    write_stalled: &mut Option<Instant>,
+    last_active: &mut Instant,
+    now: impl FnOnce() -> Instant,
+) -> bool {
+    match written {
+        Ok(0) | Err(_) => false,
+        Ok(n) => {
+            bufs.wrote(n);
+            *write_stalled = None;
+            if bufs.unwritten() == 0 {
+                *last_active = now();
+            }
+            true
+        }
+    }
 }
 
 /// Whether shutdown has begun, the cheap way: the token's wait is polled only the first time, which
